@@ -1,0 +1,227 @@
+"""Typed run configuration: OmegaConf structured dataclasses, presets, validation, overrides, hashing.
+
+A run is fully described by one `VitokConfig`. Load it with `load_config("tiny", ["optim.lr=1e-4"])`:
+the dataclass defaults (the paper's values), then a preset YAML from `configs/` (or any YAML path),
+then `key=value` overrides. Unknown keys, wrong types and out-of-range values raise `ConfigError`
+naming the key and the value, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vitok_core.model.variants import VariantError, parse_variant
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the value."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Defaults are the paper's (method.md sections 1-4); presets override what differs.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    variant: str = "Ld4-Ld24/1x16x64"  # "{enc}-{dec}/1x{p}x{c}", see vitok_core.model.variants
+    layer_scale_init: float = 1e-4
+    activation_checkpointing: bool = False  # recompute block activations in backward (memory for time)
+    local_window: int | None = None  # inference only: 2D attention radius in patches (paper: 8); None = full
+
+
+@dataclass
+class AugmentConfig:
+    rrc_prob: float = 0.25  # share of samples that get a random-resized-crop instead of native framing
+    rrc_size: int = 256
+    rrc_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    rrc_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_prob: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    budgets: list[int] = field(default_factory=lambda: [256, 1024])  # token budgets, in schedule order
+    budget_switch: list[float] = field(default_factory=lambda: [0.9])  # fraction of steps where each next budget starts
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LossConfig:
+    charbonnier_weight: float = 1.0
+    charbonnier_eps: float = 1e-3
+    ssim_weight: float = 0.1  # weight of (1 - SSIM) on tiles
+    dino_weight: float = 500.0  # DINO feature distances are ~1e-4..1e-2, hence the large weight
+    tile_size: int = 256  # tile cut from prediction and target for SSIM / DINO (paper: 224, code: 256)
+    dino_input_size: int = 224  # tiles larger than this are resized down before DINO
+    dino_model: str = "vit_small_patch16_dinov3"  # timm architecture
+    dino_weights: str = "vit_small_patch16_dinov3.lvd1689m"  # local file, or timm/HF hub name
+    dino_pretrained: bool = True  # false builds a random-init DINO: the loss is then NOT perceptual
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 1e-5  # cosine floor (the paper does not state one; the reference code uses 1e-5)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05  # not applied to norms, biases and LayerScale gains
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300_000
+    batch_size: int = 256  # images per optimizer step, all workers together
+    seed: int = 0
+
+
+@dataclass
+class VitokConfig:
+    name: str = "350m"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _resolve_source(source: str | Path) -> Path:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    candidate = CONFIG_DIR / f"{source}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown preset {str(source)!r}; presets: {', '.join(preset_names())} (or a .yaml path)")
+    return candidate
+
+
+def _omegaconf_error(where: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    value = getattr(err, "value", None)
+    detail = str(getattr(err, "msg", err)).splitlines()[0]
+    shown = f"{key}={value!r}" if value is not None else key
+    return ConfigError(f"{where}: {shown}: {detail}")
+
+
+def load_config(source: str | Path = "tiny", overrides: Sequence[str] = ()) -> VitokConfig:
+    """Schema defaults <- preset or YAML file <- `key=value` overrides, then validated.
+
+    Returns a typed OmegaConf object (attribute access like the dataclass; `to_dict` for plain data).
+    """
+    path = _resolve_source(source)
+    cfg = OmegaConf.structured(VitokConfig)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(str(path), err) from None
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Merge `key=value` strings into a structured config; type and key errors name the override."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(f"override {item!r}", err) from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, fully resolved containers (for JSON, manifests, Ray job arguments)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: Any, length: int = 16) -> str:
+    """Stable content hash of a resolved config: key order and YAML spelling do not matter.
+
+    Every field enters the hash (all of them change results or name the run); floats are hashed
+    by their repr after typing, so `5e-4` and `0.0005` give the same key.
+    """
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: every rule names its key, the bad value and what is allowed.
+# --------------------------------------------------------------------------------------------------
+def _rule(cfg: Any, key: str, ok: Callable[[Any], bool], need: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r}: must be {need}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError on the first value that cannot work."""
+    try:
+        spec = parse_variant(cfg.model.variant)
+    except VariantError as err:
+        raise ConfigError(f"model.variant={cfg.model.variant!r}: {err}") from None
+    positive = (lambda v: v > 0, "> 0")
+    non_negative = (lambda v: v >= 0, ">= 0")
+    probability = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    for key, (ok, need) in {
+        "model.layer_scale_init": positive,
+        "data.augment.rrc_prob": probability,
+        "data.augment.rrc_size": positive,
+        "data.augment.flip_prob": probability,
+        "loss.charbonnier_weight": non_negative,
+        "loss.charbonnier_eps": positive,
+        "loss.ssim_weight": non_negative,
+        "loss.dino_weight": non_negative,
+        "optim.lr": positive,
+        "optim.min_lr": non_negative,
+        "optim.weight_decay": non_negative,
+        "optim.warmup_steps": non_negative,
+        "optim.grad_clip": non_negative,
+        "train.steps": positive,
+        "train.batch_size": positive,
+    }.items():
+        _rule(cfg, key, ok, need)
+    _rule(cfg, "model.local_window", lambda v: v is None or v >= 0, "null or >= 0")
+    _rule(
+        cfg, "data.budgets", lambda v: len(v) >= 1 and all(b >= 1 for b in v), "a non-empty list of budgets >= 1 token"
+    )
+    _rule(
+        cfg,
+        "data.budget_switch",
+        lambda v: len(v) == len(cfg.data.budgets) - 1 and all(a < b for a, b in zip([0.0, *v], [*v, 1.0], strict=True)),
+        f"{len(cfg.data.budgets) - 1} increasing fraction(s) in (0, 1), one per budget after the first",
+    )
+    _rule(
+        cfg,
+        "data.augment.rrc_scale",
+        lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+        "[lo, hi] with 0 < lo <= hi <= 1",
+    )
+    _rule(cfg, "data.augment.rrc_ratio", lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[lo, hi] with 0 < lo <= hi")
+    _rule(cfg, "loss.tile_size", lambda v: v >= spec.patch_size, f">= the patch size {spec.patch_size}")
+    _rule(cfg, "loss.dino_input_size", lambda v: v >= 16 and v % 16 == 0, "a multiple of DINO's patch 16")
+    _rule(cfg, "optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "[beta1, beta2] in [0, 1)")
+    _rule(cfg, "optim.min_lr", lambda v: v <= cfg.optim.lr, f"<= optim.lr ({cfg.optim.lr})")
+    if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
+        raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")

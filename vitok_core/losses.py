@@ -1,0 +1,179 @@
+"""Reconstruction losses of ViTok-v2 (method.md section 3): Charbonnier + SSIM + DINOv3 perceptual, no GAN.
+
+    L = w_c * Charbonnier(tokens) + w_s * (1 - SSIM(tiles)) + w_d * DINO(tiles)
+
+SSIM and DINO see the same random tile of prediction and target, cut inside each image's original
+extent and padded with -1 when the image is smaller than the tile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from vitok_core.naflex import unpatchify_canvas
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def charbonnier(pred: Tensor, target: Tensor, patch_mask: Tensor, eps: float = 1e-3) -> Tensor:
+    """sqrt((x_hat - x)^2 + eps^2): mean over a token's pixels, masked mean over tokens, mean over batch."""
+    per_token = torch.sqrt((pred.float() - target.float()).pow(2) + eps * eps).mean(-1)
+    mask = patch_mask.to(per_token.dtype)
+    per_image = (per_token * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    return per_image.mean()
+
+
+def sample_tile_origins(orig_size: Tensor, tile_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """One (top, left) per image, uniform over positions that keep the tile inside the original extent.
+
+    Images smaller than the tile along a side get origin 0 on that side (the tile is padded instead).
+    """
+    slack = (orig_size.long() - tile_size).clamp_min(0)
+    u = torch.rand(slack.shape, generator=generator)
+    return (u * (slack + 1).float()).floor().long().clamp_max(slack)
+
+
+def crop_tiles(canvas: Tensor, orig_size: Tensor, origins: Tensor, tile_size: int, fill: float = -1.0) -> Tensor:
+    """Cut [B, 3, tile, tile] from [B, 3, H, W] at `origins`, never reading beyond an image's original
+    (h, w): what lies outside is `fill`. Differentiable with respect to `canvas`."""
+    tiles = []
+    for image, (h, w), (top, left) in zip(canvas, orig_size.tolist(), origins.tolist(), strict=True):
+        bottom, right = min(top + tile_size, h), min(left + tile_size, w)
+        region = image[:, top:bottom, left:right]
+        pad = (0, tile_size - (right - left), 0, tile_size - (bottom - top))
+        tiles.append(F.pad(region, pad, value=fill))
+    return torch.stack(tiles)
+
+
+def ssim(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image SSIM in [-1, 1] data (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, data range 2)."""
+    return structural_similarity_index_measure(
+        pred.float(),
+        target.float(),
+        gaussian_kernel=True,
+        sigma=1.5,
+        kernel_size=11,
+        reduction="none",
+        data_range=2.0,
+        k1=0.01,
+        k2=0.03,
+    )
+
+
+def build_dino_backbone(model_name: str, weights: str, pretrained: bool) -> nn.Module:
+    """A timm DINOv3 backbone: weights from a local file or a timm / Hugging Face hub name.
+
+    `pretrained=False` builds the architecture with random weights (tests, offline smoke runs).
+    """
+    import timm  # heavy import, only for runs that use the perceptual loss
+
+    if not pretrained:
+        warnings.warn(
+            f"DINO perceptual loss uses a randomly initialised {model_name} (loss.dino_pretrained=false): "
+            "it is NOT a perceptual loss and its numbers are not comparable to the paper's",
+            stacklevel=2,
+        )
+        return timm.create_model(model_name, pretrained=False, num_classes=0)
+    try:
+        if os.path.exists(weights):
+            return timm.create_model(
+                model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights}
+            )
+        name = weights if weights.startswith(model_name) or weights.startswith("hf-hub:") else f"{model_name}.{weights}"
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as err:  # network, gated repo, wrong file: say which setting to change
+        raise RuntimeError(
+            f"could not load DINO weights {weights!r} for {model_name}: {err}. Set loss.dino_weights to a local "
+            "checkpoint file, or loss.dino_pretrained=false for a run without a perceptual loss"
+        ) from err
+
+
+class DinoPerceptualLoss(nn.Module):
+    """Mean over blocks of the MSE between L2-normalised token features of prediction and target.
+
+    Features are every block's output before the final norm, all tokens (CLS, registers, patches). The
+    backbone is frozen and kept in eval mode; gradients reach the prediction only.
+    """
+
+    def __init__(self, backbone: nn.Module, input_size: int = 224) -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> DinoPerceptualLoss:
+        super().train(mode)
+        self.backbone.eval()  # frozen statistics and no dropout, whatever the trainer does
+        return self
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """[-1, 1] images -> per-block [B, tokens, C] L2-normalised features."""
+        x = (images.float() + 1.0) / 2.0
+        if x.shape[-1] > self.input_size or x.shape[-2] > self.input_size:
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bicubic", antialias=True, align_corners=False
+            )
+        x = (x - self.mean) / self.std
+        captured: list[Tensor] = []
+        hooks = [blk.register_forward_hook(lambda _m, _i, out: captured.append(out)) for blk in self.backbone.blocks]
+        try:
+            self.backbone.forward_features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [F.normalize(f.float(), dim=-1) for f in captured]
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        with torch.no_grad():
+            target_feats = self.features(target)
+        pred_feats = self.features(pred)
+        per_layer = [F.mse_loss(p, t) for p, t in zip(pred_feats, target_feats, strict=True)]
+        return torch.stack(per_layer).mean()
+
+
+class ReconstructionLoss(nn.Module):
+    """The combined ViTok-v2 loss; returns every term for logging plus `loss`, the weighted total."""
+
+    def __init__(self, cfg: object, patch_size: int, dino: DinoPerceptualLoss | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = patch_size
+        if dino is None and cfg.dino_weight > 0:
+            backbone = build_dino_backbone(cfg.dino_model, cfg.dino_weights, cfg.dino_pretrained)
+            dino = DinoPerceptualLoss(backbone, cfg.dino_input_size)
+        self.dino = dino if cfg.dino_weight > 0 else None
+
+    def forward(
+        self, pred_patches: Tensor, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        cfg = self.cfg
+        terms = {"charbonnier": charbonnier(pred_patches, batch["patches"], batch["patch_mask"], cfg.charbonnier_eps)}
+        total = cfg.charbonnier_weight * terms["charbonnier"]
+        if cfg.ssim_weight > 0 or self.dino is not None:
+            orig = batch["orig_size"]
+            origins = sample_tile_origins(orig, cfg.tile_size, generator)
+            pred_tiles = crop_tiles(
+                unpatchify_canvas(pred_patches, batch, self.patch_size), orig, origins, cfg.tile_size
+            )
+            with torch.no_grad():
+                target_canvas = unpatchify_canvas(batch["patches"], batch, self.patch_size)
+            target_tiles = crop_tiles(target_canvas, orig, origins, cfg.tile_size)
+            if cfg.ssim_weight > 0:
+                terms["ssim"] = ssim(pred_tiles, target_tiles).mean()
+                total = total + cfg.ssim_weight * (1.0 - terms["ssim"])
+            if self.dino is not None:
+                terms["dino"] = self.dino(pred_tiles, target_tiles)
+                total = total + cfg.dino_weight * terms["dino"]
+        return {"loss": total, **terms}
