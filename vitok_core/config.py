@@ -225,3 +225,29 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "optim.min_lr", lambda v: v <= cfg.optim.lr, f"<= optim.lr ({cfg.optim.lr})")
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
         raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")
+
+
+def describe(cfg: Any) -> str:
+    """Resolved YAML, content hash and parameter counts (model built on the meta device: no memory)."""
+    import torch
+
+    from vitok_core.model import build_autoencoder, count_parameters
+
+    with torch.device("meta"):
+        counts = count_parameters(build_autoencoder(cfg.model.variant))
+    sizes = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in counts.items())
+    return f"{OmegaConf.to_yaml(cfg)}# hash: {config_hash(cfg)}\n# parameters: {sizes}\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m vitok_core.config PRESET|FILE.yaml [key=value ...]")
+        print(f"presets: {', '.join(preset_names())}")
+        sys.exit(0)
+    try:
+        print(describe(load_config(args[0], args[1:])), end="")
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")

@@ -85,6 +85,9 @@ def build_dino_backbone(model_name: str, weights: str, pretrained: bool) -> nn.M
             stacklevel=2,
         )
         return timm.create_model(model_name, pretrained=False, num_classes=0)
+    looks_local = os.sep in weights or weights.endswith((".safetensors", ".pth", ".pt", ".bin"))
+    if looks_local and not os.path.exists(weights):
+        raise RuntimeError(f"DINO weights file {weights!r} does not exist (loss.dino_weights)")
     try:
         if os.path.exists(weights):
             return timm.create_model(

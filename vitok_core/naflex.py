@@ -92,6 +92,7 @@ def patchify(image: Tensor, patch_size: int) -> PatchDict:
     """
     image = _as_image_tensor(image)
     h, w = image.shape[-2:]
+    _check_size(h, w, patch_size, max_tokens=1)
     rows, cols = math.ceil(h / patch_size), math.ceil(w / patch_size)
     padded = F.pad(image, (0, cols * patch_size - w, 0, rows * patch_size - h), value=0.0)
     patches = F.unfold(padded[None], kernel_size=patch_size, stride=patch_size)[0].T.contiguous()

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 
 def lr_at_step(step: int, total_steps: int, peak_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0 to `peak_lr` over `warmup_steps`, then cosine to `min_lr` at `total_steps`."""
+    """Linear warm-up to `peak_lr` (step s gets peak * (s + 1) / warmup, so no step has lr 0), then cosine
+    to `min_lr` at `total_steps`."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
