@@ -8,10 +8,10 @@ extent and padded with -1 when the image is smaller than the tile.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from vitok_core.naflex import unpatchify_canvas
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from vitok_core.config import LossConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -149,7 +150,7 @@ class DinoPerceptualLoss(nn.Module):
 class ReconstructionLoss(nn.Module):
     """The combined ViTok-v2 loss; returns every term for logging plus `loss`, the weighted total."""
 
-    def __init__(self, cfg: object, patch_size: int, dino: DinoPerceptualLoss | None = None) -> None:
+    def __init__(self, cfg: LossConfig, patch_size: int, dino: DinoPerceptualLoss | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_size = patch_size

@@ -73,8 +73,8 @@ def _as_image_tensor(image: Tensor | Image.Image | np.ndarray) -> Tensor:
     return image
 
 
-def resize_to_budget(image: Tensor, patch_size: int, max_tokens: int) -> Tensor:
-    """Bicubic, antialiased down-resize of [3, H, W] in [-1, 1] to the budget size (clamped to [-1, 1])."""
+def resize_to_budget(image: Tensor | Image.Image | np.ndarray, patch_size: int, max_tokens: int) -> Tensor:
+    """Bicubic, antialiased down-resize to the budget size; returns [3, h, w] in [-1, 1] (clamped)."""
     image = _as_image_tensor(image)
     h, w = image.shape[-2:]
     new_h, new_w = fit_to_token_budget(h, w, patch_size, max_tokens)
@@ -109,7 +109,7 @@ def patchify(image: Tensor, patch_size: int) -> PatchDict:
 
 def preprocess(image: Tensor | Image.Image | np.ndarray, patch_size: int, max_tokens: int) -> PatchDict:
     """Any supported image -> budget resize -> patchify (deterministic; no augmentation)."""
-    return patchify(resize_to_budget(_as_image_tensor(image), patch_size, max_tokens), patch_size)
+    return patchify(resize_to_budget(image, patch_size, max_tokens), patch_size)
 
 
 def collate(samples: Sequence[Mapping[str, Tensor]], max_tokens: int | None = None) -> PatchDict:

@@ -81,9 +81,9 @@ class Autoencoder(nn.Module):
                 raise ValueError(f"{name!r} shape {tuple(batch[name].shape)} != tokens {tuple(x.shape[:2])}")
         return x
 
-    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, batch: Mapping[str, Tensor], heads_dim: int) -> Tensor:
+    def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, batch: Mapping[str, Tensor], head_dim: int) -> Tensor:
         row, col = batch["row_idx"], batch["col_idx"]
-        rope = rope_2d(row, col, heads_dim, self.rope_theta)
+        rope = rope_2d(row, col, head_dim, self.rope_theta)
         mask = attention_mask(batch["patch_mask"], row, col, self.local_window)
         for block in blocks:
             if self.activation_checkpointing and self.training:
