@@ -85,6 +85,23 @@ class TrainConfig:
 
 
 @dataclass
+class IngestConfig:
+    source: str = ""  # folder or s3:// prefix of image files, searched recursively
+    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "gif"])
+    root: str = "runs"  # artifacts go to {root}/ingest/{key}/ (local path or s3://)
+    label_from: str = "none"  # none | folder: the label is the name of the image's parent folder
+    min_side: int = 64  # pixels; smaller images are rejected (too_small)
+    max_aspect: float = 4.0  # long / short side; beyond is rejected (aspect_ratio)
+    max_pixels: int = 100_000_000  # decompression-bomb guard on the header, before any decoding
+    store_max_pixels: int = 1_048_576  # stored area cap: 4x the area of a 1024-token budget at p16
+    store_format: str = "jpeg"  # jpeg | webp: codec for images that are re-encoded
+    store_quality: int = 95
+    keep_formats: list[str] = field(default_factory=lambda: ["jpeg", "webp"])  # stored as-is when small enough
+    files_per_task: int = 256  # unit of parallel work and of resume after a crash
+    rows_per_file: int = 2048  # accepted rows per output Parquet file (~100-300 MB of JPEGs at 0.4 MP)
+
+
+@dataclass
 class VitokConfig:
     name: str = "350m"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,6 +109,7 @@ class VitokConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +241,17 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "loss.dino_input_size", lambda v: v >= 16 and v % 16 == 0, "a multiple of DINO's patch 16")
     _rule(cfg, "optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "[beta1, beta2] in [0, 1)")
     _rule(cfg, "optim.min_lr", lambda v: v <= cfg.optim.lr, f"<= optim.lr ({cfg.optim.lr})")
+    _rule(cfg, "ingest.label_from", lambda v: v in ("none", "folder"), "'none' or 'folder'")
+    _rule(cfg, "ingest.min_side", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "ingest.max_aspect", lambda v: v >= 1.0, ">= 1")
+    _rule(cfg, "ingest.max_pixels", lambda v: v >= 1, ">= 1")
+    need = max(cfg.data.budgets) * spec.patch_size**2
+    _rule(cfg, "ingest.store_max_pixels", lambda v: v >= need, f">= the largest budget's area ({need} px)")
+    _rule(cfg, "ingest.store_format", lambda v: v in ("jpeg", "webp"), "'jpeg' or 'webp'")
+    _rule(cfg, "ingest.store_quality", lambda v: 1 <= v <= 100, "in [1, 100]")
+    _rule(cfg, "ingest.keep_formats", lambda v: set(v) <= {"jpeg", "webp", "png"}, "a subset of [jpeg, webp, png]")
+    _rule(cfg, "ingest.files_per_task", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "ingest.rows_per_file", lambda v: v >= 1, ">= 1")
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
         raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")
 

@@ -1,0 +1,53 @@
+"""Plumbing shared by every job entrypoint: the command line and joining or starting Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from vitok_core.config import ConfigError, VitokConfig, load_config
+
+# Without this Ray binds its ports on every interface; with it the node IP is 127.0.0.1. It must be in
+# the environment before Ray is imported; a cluster started with `ray start` is not affected.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# Credentials and endpoints reach Ray workers through the environment, never through config files.
+_FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+
+
+def parse_config(description: str, argv: list[str] | None = None) -> VitokConfig:
+    """`--config PRESET|FILE [key=value ...]` -> a validated config; exits with the bad key before any work."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="tiny", help="preset name (configs/) or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. ingest.source=DIR")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"config error: {err}\n")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a loopback-only local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # passing resources when joining a cluster is an error
+        return
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env} if env else None)

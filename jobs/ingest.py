@@ -1,0 +1,339 @@
+"""Stage ingest: filter raw images and bucket them by aspect ratio into Parquet, with Ray Data.
+
+    python -m jobs.ingest --config tiny ingest.source=DIR_OR_S3_PREFIX [ingest.root=runs] [key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m jobs.ingest --config 350m ingest.source=s3://bucket/raw ingest.root=s3://bucket/runs
+
+Output under {root}/ingest/{key}/ (key = hash of the ingest settings, budgets, patch size, code version):
+    data/bucket=RxC/*.parquet   accepted images, Hive-partitioned by their grid at the first budget
+    rejects/*.parquet           source, reason, detail for every rejected image (no bytes)
+    manifest.json               counts (read, accepted, rejected by reason, per bucket), timings, settings
+    _SUCCESS                    written last; a reader trusts nothing without it
+
+How it runs, and why it survives a crash:
+  1. The source files are listed and sorted, then cut into tasks of `files_per_task` files.
+  2. Ray Data maps the tasks over the cluster. Each task reads its files, applies
+     `vitok_core.ingest.process_image` and writes ONE Parquet file with every outcome to _staging/tasks/,
+     under a temporary name first, so a task file is there whole or not at all. A rerun lists the task
+     files that exist and skips those tasks: a crash costs only the tasks in flight.
+  3. Exact duplicates (same SHA-256 of the source bytes) are found from the id/source columns alone with a
+     Ray Data groupby; the copy with the smallest source URI is kept, so the choice is deterministic.
+  4. Accepted rows go to data/ partitioned by bucket (at least `rows_per_file` rows per file), rejects to
+     rejects/; then manifest.json, then _SUCCESS, then the staging area is deleted. A crash in this step
+     leaves no _SUCCESS; the rerun deletes data/ and rejects/ and redoes only this step.
+The driver streams summaries and small columns; it never holds image records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from jobs.common import init_ray, parse_config, setup_logging
+from vitok_core import __version__
+from vitok_core.artifacts import is_complete, join, mark_success, read_json, remove, stage_key, write_json
+from vitok_core.config import VitokConfig, to_dict
+from vitok_core.ingest import IngestRules, Outcome, process_image
+from vitok_core.model import parse_variant
+
+log = logging.getLogger("vitok.ingest")
+
+CODE_VERSION = "ingest-1"  # bump when a change alters what ingest writes
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings, key and layout
+# ------------------------------------------------------------------------------------------------
+def absolute(uri: str) -> str:
+    """Local paths become absolute: Ray workers may run in another working directory."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def ingest_settings(cfg: VitokConfig) -> dict[str, Any]:
+    """Everything that decides ingest's output: its section (minus where it is written), budgets, patch size."""
+    settings = {k: v for k, v in to_dict(cfg.ingest).items() if k != "root"}
+    settings["source"] = absolute(settings["source"])
+    settings["budgets"] = list(cfg.data.budgets)
+    settings["patch_size"] = parse_variant(cfg.model.variant).patch_size
+    return settings
+
+
+def rules_from(settings: dict[str, Any]) -> IngestRules:
+    return IngestRules(
+        min_side=settings["min_side"],
+        max_aspect=settings["max_aspect"],
+        max_pixels=settings["max_pixels"],
+        store_max_pixels=settings["store_max_pixels"],
+        store_format=settings["store_format"],
+        store_quality=settings["store_quality"],
+        keep_formats=tuple(settings["keep_formats"]),
+        patch_size=settings["patch_size"],
+        budgets=tuple(settings["budgets"]),
+    )
+
+
+def output_uri(cfg: VitokConfig) -> str:
+    key = stage_key("ingest", ingest_settings(cfg), code_version=CODE_VERSION)
+    return join(absolute(cfg.ingest.root), "ingest", key)
+
+
+def row_schema(budgets: list[int]) -> pa.Schema:
+    fields = [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("label", pa.string()),
+        ("accepted", pa.bool_()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("bytes", pa.binary()),
+        ("bucket", pa.string()),
+    ]
+    fields += [(f"bucket_{t}", pa.string()) for t in budgets]
+    return pa.schema(fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 1: list the source
+# ------------------------------------------------------------------------------------------------
+def list_source(source: str, extensions: list[str]) -> list[str]:
+    """Sorted URIs of the image files under `source` (recursive), with their scheme."""
+    fs, root = fsspec.core.url_to_fs(source)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"ingest.source={source!r} is not a folder or prefix")
+    wanted = {f".{e.lower().lstrip('.')}" for e in extensions}
+    paths = sorted(p for p in fs.find(root) if os.path.splitext(p)[1].lower() in wanted)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 2: one task = files -> one staging Parquet file
+# ------------------------------------------------------------------------------------------------
+def _record(uri: str, label: str, outcome: Outcome, budgets: list[int]) -> dict[str, Any]:
+    buckets = {t: f"{r}x{c}" for t, (r, c) in outcome.buckets.items()}
+    record = {
+        "id": outcome.id,
+        "source": uri,
+        "label": label,
+        "accepted": outcome.accepted,
+        "reason": outcome.reason,
+        "detail": outcome.detail,
+        "orig_width": outcome.orig_width,
+        "orig_height": outcome.orig_height,
+        "width": outcome.width,
+        "height": outcome.height,
+        "format": outcome.format,
+        "bytes": outcome.data if outcome.accepted else None,
+        "bucket": buckets.get(budgets[0], ""),
+    }
+    record.update({f"bucket_{t}": buckets.get(t, "") for t in budgets})
+    return record
+
+
+def process_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
+    """Ray Data map function: process the files of one task and write its staging file whole."""
+    rules, budgets = rules_from(settings), settings["budgets"]
+    records = []
+    for uri in item["uris"]:
+        label = os.path.basename(os.path.dirname(uri)) if settings["label_from"] == "folder" else ""
+        try:
+            with fsspec.open(uri, "rb") as f:
+                data = f.read()
+        except Exception as err:  # an unreadable source is a reject, not a crash
+            outcome = Outcome(id="", accepted=False, reason="unreadable_source", detail=f"{type(err).__name__}: {err}")
+        else:
+            outcome = process_image(data, rules)
+        records.append(_record(uri, label, outcome, budgets))
+    table = pa.Table.from_pylist(records, schema=row_schema(budgets))
+    fs, path = fsspec.core.url_to_fs(task_file(staging, item["task"]))
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, path)
+    return {"task": item["task"], "read": len(records), "accepted": sum(r["accepted"] for r in records)}
+
+
+def task_file(staging: str, task: int) -> str:
+    return join(staging, "tasks", f"task-{task:07d}.parquet")
+
+
+def done_tasks(staging: str) -> set[int]:
+    fs, path = fsspec.core.url_to_fs(join(staging, "tasks"))
+    if not fs.exists(path):
+        return set()
+    names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
+    return {int(n[5:12]) for n in names if n.startswith("task-") and n.endswith(".parquet")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 3: exact duplicates
+# ------------------------------------------------------------------------------------------------
+def _extra_copies(group: dict[str, Any]) -> dict[str, Any]:
+    """All rows of one content id but the one with the smallest source URI."""
+    sources = sorted(group["source"])
+    return {"source": sources[1:], "id": list(group["id"][1:])}
+
+
+def find_duplicates(task_files: list[str]) -> set[str]:
+    import ray
+
+    ids = ray.data.read_parquet(task_files, columns=["id", "source", "accepted"]).filter(lambda r: r["accepted"])
+    copies = ids.groupby("id").map_groups(_extra_copies, batch_format="numpy")
+    return {row["source"] for row in copies.iter_rows()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Step 4: publish
+# ------------------------------------------------------------------------------------------------
+def publish(out: str, task_files: list[str], duplicates: set[str], settings: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    remove(join(out, "data"))
+    remove(join(out, "rejects"))
+    accepted = ray.data.read_parquet(task_files).filter(lambda r: r["accepted"] and r["source"] not in duplicates)
+    accepted = accepted.drop_columns(["accepted", "reason", "detail"])
+    accepted.write_parquet(join(out, "data"), partition_cols=["bucket"], min_rows_per_file=settings["rows_per_file"])
+
+    def as_reject(batch: pa.Table) -> pa.Table:
+        dup = pa.array([s in duplicates for s in batch["source"].to_pylist()])
+        rows = batch.to_pylist()
+        for row, is_dup in zip(rows, dup.to_pylist(), strict=True):
+            if is_dup:
+                row.update(accepted=False, reason="duplicate", detail=f"same bytes as another source (id {row['id']})")
+        keep = [r for r in rows if not r["accepted"]]
+        return pa.Table.from_pylist(keep, schema=batch.schema) if keep else batch.schema.empty_table()
+
+    columns = ["id", "source", "label", "accepted", "reason", "detail", "orig_width", "orig_height"]
+    rejects = ray.data.read_parquet(task_files, columns=columns).map_batches(as_reject, batch_format="pyarrow")
+    rejects.drop_columns(["accepted"]).write_parquet(join(out, "rejects"))
+    return count(task_files, duplicates, settings["budgets"])
+
+
+def count(task_files: list[str], duplicates: set[str], budgets: list[int]) -> dict[str, Any]:
+    """Manifest counts, streamed over the small columns of the staging files."""
+    read, reasons, per_bucket = 0, Counter(), {t: Counter() for t in budgets}
+    columns = ["source", "accepted", "reason", *(f"bucket_{t}" for t in budgets)]
+    for path in task_files:
+        with fsspec.open(path, "rb") as f:
+            table = pq.read_table(f, columns=columns)
+        for row in table.to_pylist():
+            read += 1
+            if row["accepted"] and row["source"] in duplicates:
+                reasons["duplicate"] += 1
+            elif not row["accepted"]:
+                reasons[row["reason"]] += 1
+            else:
+                for t in budgets:
+                    per_bucket[t][row[f"bucket_{t}"]] += 1
+    accepted = sum(per_bucket[budgets[0]].values())
+    return {
+        "read": read,
+        "accepted": accepted,
+        "rejected": read - accepted,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "per_bucket": {str(t): dict(sorted(per_bucket[t].items())) for t in budgets},
+    }
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import ray
+
+    return {"vitok": __version__, "ray": ray.__version__, "pyarrow": pa.__version__, "pillow": PIL.__version__}
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+def run(cfg: VitokConfig) -> dict[str, Any]:
+    """Run (or skip, when already complete) the ingest stage; returns its manifest."""
+    if not cfg.ingest.source:
+        raise ValueError("ingest.source is empty: give a folder or s3:// prefix of images")
+    settings = ingest_settings(cfg)
+    out = output_uri(cfg)
+    if is_complete(out):
+        log.info("ingest %s is complete; skipped", out)
+        return read_json(join(out, "manifest.json"))
+    start = time.time()
+    staging = join(out, "_staging")
+    uris = list_source(settings["source"], settings["extensions"])
+    if not uris:
+        raise FileNotFoundError(f"no {settings['extensions']} files under ingest.source={settings['source']!r}")
+    per = settings["files_per_task"]
+    tasks = [{"task": i, "uris": uris[s : s + per]} for i, s in enumerate(range(0, len(uris), per))]
+    done = done_tasks(staging)
+    todo = [t for t in tasks if t["task"] not in done]
+    log.info("ingest %s: %d files in %d tasks (%d already done)", out, len(uris), len(tasks), len(tasks) - len(todo))
+    listed = time.time()
+
+    init_ray()
+    import ray
+
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map(process_task, fn_kwargs={"settings": settings, "staging": staging})
+        with tqdm(
+            total=len(uris), initial=len(uris) - sum(len(t["uris"]) for t in todo), unit="img", desc="ingest"
+        ) as bar:
+            for summary in ds.iter_rows():
+                bar.update(summary["read"])
+    processed = time.time()
+
+    task_files = [task_file(staging, t["task"]) for t in tasks]
+    duplicates = find_duplicates(task_files)
+    counts = publish(out, task_files, duplicates, settings)
+    manifest = {
+        "stage": "ingest",
+        "key": out.rstrip("/").rsplit("/", 1)[-1],
+        "output": out,
+        "settings": settings,
+        "counts": counts,
+        "timing_s": {
+            "list": listed - start,
+            "process": processed - listed,
+            "publish": time.time() - processed,
+            "total": time.time() - start,
+        },
+        "versions": versions(),
+        "code_version": CODE_VERSION,
+    }
+    write_json(join(out, "manifest.json"), manifest)
+    mark_success(out)
+    remove(staging)
+    log.info(
+        "ingest done: %d read, %d accepted, rejected %s",
+        counts["read"],
+        counts["accepted"],
+        counts["rejected_by_reason"],
+    )
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_config(__doc__.splitlines()[0], argv)
+    manifest = run(cfg)
+    print(f"ingest output: {manifest['output']}")
+    print(
+        f"read {manifest['counts']['read']}, accepted {manifest['counts']['accepted']}, "
+        f"rejected {manifest['counts']['rejected_by_reason']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
