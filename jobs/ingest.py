@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tarfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -47,6 +49,7 @@ from vitok_core.model import parse_variant
 
 log = logging.getLogger("vitok.ingest")
 
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif"}  # members of tar shards that are images
 CODE_VERSION = "ingest-1"  # bump when a change alters what ingest writes
 
 
@@ -107,22 +110,116 @@ def row_schema(budgets: list[int]) -> pa.Schema:
 
 
 # ------------------------------------------------------------------------------------------------
-# Step 1: list the source
+# Step 1: list the source and cut it into tasks
 # ------------------------------------------------------------------------------------------------
-def list_source(source: str, extensions: list[str]) -> list[str]:
-    """Sorted URIs of the image files under `source` (recursive), with their scheme."""
-    fs, root = fsspec.core.url_to_fs(source)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"ingest.source={source!r} is not a folder or prefix")
-    wanted = {f".{e.lower().lstrip('.')}" for e in extensions}
-    paths = sorted(p for p in fs.find(root) if os.path.splitext(p)[1].lower() in wanted)
+def _with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in paths]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def list_tasks(settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """(source format, tasks). Files: `files_per_task` sorted files a task; tar: one shard a task;
+    Parquet: one row group a task (the driver reads only the footers)."""
+    source = settings["source"]
+    fs, root = fsspec.core.url_to_fs(source)
+    if fs.isfile(root):
+        paths = [root]
+    elif fs.isdir(root):
+        paths = sorted(fs.find(root))
+    else:
+        raise FileNotFoundError(f"ingest.source={source!r} does not exist")
+    kind = settings["source_format"]
+    if kind == "auto":
+        suffixes = {os.path.splitext(p)[1].lower() for p in paths}
+        kind = "tar" if ".tar" in suffixes else "parquet" if ".parquet" in suffixes else "files"
+    tasks: list[dict[str, Any]] = []
+    if kind == "files":
+        wanted = {f".{e.lower().lstrip('.')}" for e in settings["extensions"]}
+        uris = [_with_protocol(fs, p) for p in paths if os.path.splitext(p)[1].lower() in wanted]
+        per = settings["files_per_task"]
+        tasks = [{"uris": uris[i : i + per]} for i in range(0, len(uris), per)]
+    elif kind == "tar":
+        tasks = [{"uris": [_with_protocol(fs, p)]} for p in paths if p.lower().endswith(".tar")]
+    else:
+        for path in (p for p in paths if p.lower().endswith(".parquet")):
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+            offset = 0
+            for group in range(meta.num_row_groups):
+                tasks.append({"uris": [_with_protocol(fs, path)], "row_group": group, "first_row": offset})
+                offset += meta.row_group(group).num_rows
+    if not tasks:
+        raise FileNotFoundError(f"no {kind} input under ingest.source={source!r}")
+    return kind, [{"task": i, "kind": kind, "row_group": -1, "first_row": 0, **t} for i, t in enumerate(tasks)]
 
 
 # ------------------------------------------------------------------------------------------------
-# Step 2: one task = files -> one staging Parquet file
+# Step 2: one task -> one staging Parquet file
 # ------------------------------------------------------------------------------------------------
+# (source URI, label, the encoded bytes or the error that stopped us reading them)
+Item = tuple[str, str, "bytes | Exception"]
+
+
+def _read_files(uris: list[str], label_from: str) -> Iterator[Item]:
+    for uri in uris:
+        label = os.path.basename(os.path.dirname(uri)) if label_from == "folder" else ""
+        try:
+            with fsspec.open(uri, "rb") as f:
+                yield uri, label, f.read()
+        except Exception as err:
+            yield uri, label, err
+
+
+def _read_tar(uri: str, label_from: str) -> Iterator[Item]:
+    """WebDataset shard: `key.<image ext>` members are images, `key.cls` their label. Streamed member by
+    member; a corrupt or truncated shard ends with one unreadable item naming where it broke."""
+    folder_label = os.path.basename(os.path.dirname(uri)) if label_from == "folder" else ""
+    images: dict[str, tuple[str, bytes]] = {}
+    labels: dict[str, str] = {}
+    last = "<start>"
+    broken: Exception | None = None
+    try:
+        with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = os.path.splitext(member.name)
+                data = tar.extractfile(member).read()
+                last = member.name
+                if ext.lower() == ".cls":
+                    labels[key] = data.decode(errors="replace").strip()
+                elif ext.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                    images[key] = (f"{uri}#{member.name}", data)
+    except Exception as err:
+        broken = err
+    for key, (source, data) in images.items():
+        yield source, labels.get(key, folder_label), data
+    if broken is not None:
+        yield f"{uri}#after:{last}", folder_label, broken
+
+
+def _read_parquet(item: dict[str, Any], image_column: str, label_column: str) -> Iterator[Item]:
+    uri = item["uris"][0]
+    with fsspec.open(uri, "rb") as f:
+        table = pq.ParquetFile(f).read_row_group(item["row_group"])
+    for column in (image_column, label_column):
+        if column and column not in table.column_names:
+            raise KeyError(f"{uri} has no column {column!r} (ingest.parquet_*_column); columns: {table.column_names}")
+    images = table.column(image_column).to_pylist()
+    labels = table.column(label_column).to_pylist() if label_column else [None] * len(images)
+    for i, (data, label) in enumerate(zip(images, labels, strict=True)):
+        value = data if data is not None else ValueError(f"null in column {image_column!r}")
+        yield f"{uri}#row={item['first_row'] + i}", "" if label is None else str(label), value
+
+
+def _items(item: dict[str, Any], settings: dict[str, Any]) -> Iterator[Item]:
+    if item["kind"] == "files":
+        return _read_files(item["uris"], settings["label_from"])
+    if item["kind"] == "tar":
+        return _read_tar(item["uris"][0], settings["label_from"])
+    return _read_parquet(item, settings["parquet_image_column"], settings["parquet_label_column"])
+
+
 def _record(uri: str, label: str, outcome: Outcome, budgets: list[int]) -> dict[str, Any]:
     buckets = {t: f"{r}x{c}" for t, (r, c) in outcome.buckets.items()}
     record = {
@@ -145,19 +242,16 @@ def _record(uri: str, label: str, outcome: Outcome, budgets: list[int]) -> dict[
 
 
 def process_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
-    """Ray Data map function: process the files of one task and write its staging file whole."""
+    """Ray Data map function: process the images of one task and write its staging file whole."""
     rules, budgets = rules_from(settings), settings["budgets"]
     records = []
-    for uri in item["uris"]:
-        label = os.path.basename(os.path.dirname(uri)) if settings["label_from"] == "folder" else ""
-        try:
-            with fsspec.open(uri, "rb") as f:
-                data = f.read()
-        except Exception as err:  # an unreadable source is a reject, not a crash
-            outcome = Outcome(id="", accepted=False, reason="unreadable_source", detail=f"{type(err).__name__}: {err}")
+    for source, label, data in _items(item, settings):
+        if isinstance(data, Exception):  # an unreadable source is a reject, not a crash
+            detail = f"{type(data).__name__}: {data}"
+            outcome = Outcome(id="", accepted=False, reason="unreadable_source", detail=detail)
         else:
             outcome = process_image(data, rules)
-        records.append(_record(uri, label, outcome, budgets))
+        records.append(_record(source, label, outcome, budgets))
     table = pa.Table.from_pylist(records, schema=row_schema(budgets))
     fs, path = fsspec.core.url_to_fs(task_file(staging, item["task"]))
     fs.makedirs(os.path.dirname(path), exist_ok=True)
@@ -271,14 +365,10 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         return read_json(join(out, "manifest.json"))
     start = time.time()
     staging = join(out, "_staging")
-    uris = list_source(settings["source"], settings["extensions"])
-    if not uris:
-        raise FileNotFoundError(f"no {settings['extensions']} files under ingest.source={settings['source']!r}")
-    per = settings["files_per_task"]
-    tasks = [{"task": i, "uris": uris[s : s + per]} for i, s in enumerate(range(0, len(uris), per))]
+    kind, tasks = list_tasks(settings)
     done = done_tasks(staging)
     todo = [t for t in tasks if t["task"] not in done]
-    log.info("ingest %s: %d files in %d tasks (%d already done)", out, len(uris), len(tasks), len(tasks) - len(todo))
+    log.info("ingest %s: %s source, %d tasks (%d already done)", out, kind, len(tasks), len(tasks) - len(todo))
     listed = time.time()
 
     init_ray()
@@ -287,11 +377,10 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     if todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map(process_task, fn_kwargs={"settings": settings, "staging": staging})
-        with tqdm(
-            total=len(uris), initial=len(uris) - sum(len(t["uris"]) for t in todo), unit="img", desc="ingest"
-        ) as bar:
+        with tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="task", desc="ingest") as bar:
             for summary in ds.iter_rows():
-                bar.update(summary["read"])
+                bar.update(1)
+                bar.set_postfix(images=summary["read"], accepted=summary["accepted"])
     processed = time.time()
 
     task_files = [task_file(staging, t["task"]) for t in tasks]

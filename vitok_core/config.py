@@ -86,10 +86,13 @@ class TrainConfig:
 
 @dataclass
 class IngestConfig:
-    source: str = ""  # folder or s3:// prefix of image files, searched recursively
+    source: str = ""  # folder or s3:// prefix (searched recursively), or one .tar / .parquet file
+    source_format: str = "auto"  # files | tar (WebDataset shards) | parquet (img2dataset) | auto: by what is there
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "gif"])
+    parquet_image_column: str = "jpg"  # img2dataset's column of encoded image bytes
+    parquet_label_column: str = ""  # optional label column of a Parquet source
     root: str = "runs"  # artifacts go to {root}/ingest/{key}/ (local path or s3://)
-    label_from: str = "none"  # none | folder: the label is the name of the image's parent folder
+    label_from: str = "none"  # none | folder: label = parent folder name (tar: the .cls member wins)
     min_side: int = 64  # pixels; smaller images are rejected (too_small)
     max_aspect: float = 4.0  # long / short side; beyond is rejected (aspect_ratio)
     max_pixels: int = 100_000_000  # decompression-bomb guard on the header, before any decoding
@@ -97,7 +100,8 @@ class IngestConfig:
     store_format: str = "jpeg"  # jpeg | webp: codec for images that are re-encoded
     store_quality: int = 95
     keep_formats: list[str] = field(default_factory=lambda: ["jpeg", "webp"])  # stored as-is when small enough
-    files_per_task: int = 256  # unit of parallel work and of resume after a crash
+    files_per_task: int = 256  # files per task (unit of parallel work and of resume); a tar shard or a
+    # Parquet row group is always one task
     rows_per_file: int = 2048  # accepted rows per output Parquet file (~100-300 MB of JPEGs at 0.4 MP)
 
 
@@ -241,6 +245,7 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "loss.dino_input_size", lambda v: v >= 16 and v % 16 == 0, "a multiple of DINO's patch 16")
     _rule(cfg, "optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "[beta1, beta2] in [0, 1)")
     _rule(cfg, "optim.min_lr", lambda v: v <= cfg.optim.lr, f"<= optim.lr ({cfg.optim.lr})")
+    _rule(cfg, "ingest.source_format", lambda v: v in ("auto", "files", "tar", "parquet"), "auto|files|tar|parquet")
     _rule(cfg, "ingest.label_from", lambda v: v in ("none", "folder"), "'none' or 'folder'")
     _rule(cfg, "ingest.min_side", lambda v: v >= 1, ">= 1")
     _rule(cfg, "ingest.max_aspect", lambda v: v >= 1.0, ">= 1")

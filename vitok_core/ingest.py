@@ -85,20 +85,27 @@ def _reject(image_id: str, reason: str, detail: str = "", width: int = 0, height
 
 def process_image(data: bytes, rules: IngestRules) -> Outcome:
     """Header -> filters -> decode -> orient + convert to RGB -> downscale -> keep or re-encode."""
+    # Our max_pixels rule replaces Pillow's global bomb check, which would otherwise decide at open time.
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _process(data, rules)
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _process(data: bytes, rules: IngestRules) -> Outcome:
     image_id = content_id(data)
     if not data:
         return _reject(image_id, "empty_file")
-    # Our max_pixels rule replaces Pillow's global bomb check, which would otherwise decide at open time.
-    Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            raw_w, raw_h = img.size
-            orientation = img.getexif().get(0x0112, 1)
+        img = Image.open(io.BytesIO(data))
     except Exception as err:  # Pillow raises many types for junk: all mean the same here
         return _reject(image_id, "undecodable", f"header: {type(err).__name__}: {err}")
-    width, height = (raw_h, raw_w) if orientation in _TRANSPOSED else (raw_w, raw_h)
+    # Size rules first, on the header alone: rotation does not change area, short side or aspect, and
+    # reading EXIF can decode the whole image (Pillow does so for PNG).
+    width, height = img.size
     if width * height > rules.max_pixels:
         return _reject(image_id, "too_many_pixels", f"{width}x{height} > {rules.max_pixels} pixels", width, height)
     if min(width, height) < rules.min_side:
@@ -106,6 +113,12 @@ def process_image(data: bytes, rules: IngestRules) -> Outcome:
     if max(width, height) / min(width, height) > rules.max_aspect:
         aspect = max(width, height) / min(width, height)
         return _reject(image_id, "aspect_ratio", f"aspect {aspect:.2f} > {rules.max_aspect}", width, height)
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception as err:
+        return _reject(image_id, "undecodable", f"exif: {type(err).__name__}: {err}", width, height)
+    if orientation in _TRANSPOSED:
+        width, height = height, width
 
     store_w, store_h = storage_size(width, height, rules.store_max_pixels)
     frames = getattr(img, "n_frames", 1)
