@@ -37,6 +37,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -45,7 +46,7 @@ from vitok_core import __version__
 from vitok_core.artifacts import is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.config import VitokConfig, to_dict
 from vitok_core.ingest import IngestRules, Outcome, process_image
-from vitok_core.model import parse_variant
+from vitok_core.variants import parse_variant
 
 log = logging.getLogger("vitok.ingest")
 
@@ -284,38 +285,55 @@ def _extra_copies(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_duplicates(task_files: list[str]) -> set[str]:
+    """Sources whose bytes another, smaller source URI also has. Only duplicates reach the driver."""
     import ray
+    from ray.data.expressions import col, lit
 
-    ids = ray.data.read_parquet(task_files, columns=["id", "source", "accepted"]).filter(lambda r: r["accepted"])
-    copies = ids.groupby("id").map_groups(_extra_copies, batch_format="numpy")
+    ids = ray.data.read_parquet(task_files).select_columns(["id", "source", "accepted"])
+    ids = ids.filter(expr=col("accepted") == lit(True))
+    partitions = max(2, min(1000, len(task_files) // 4))
+    copies = ids.groupby("id", num_partitions=partitions).map_groups(_extra_copies, batch_format="numpy")
     return {row["source"] for row in copies.iter_rows()}
 
 
 # ------------------------------------------------------------------------------------------------
 # Step 4: publish
 # ------------------------------------------------------------------------------------------------
-def publish(out: str, task_files: list[str], duplicates: set[str], settings: dict[str, Any]) -> dict[str, Any]:
+def _is_duplicate(batch: pa.Table, duplicates: set[str]) -> pa.Array:
+    return pc.is_in(batch["source"], value_set=pa.array(sorted(duplicates), pa.string()))
+
+
+def _keep_accepted(batch: pa.Table, duplicates: set[str]) -> pa.Table:
+    keep = pc.and_(batch["accepted"], pc.invert(_is_duplicate(batch, duplicates)))
+    return batch.filter(keep).drop_columns(["accepted", "reason", "detail"])
+
+
+def _keep_rejected(batch: pa.Table, duplicates: set[str]) -> pa.Table:
+    dup = pc.and_(batch["accepted"], _is_duplicate(batch, duplicates))
+    reason = pc.if_else(dup, "duplicate", batch["reason"])
+    detail = pc.if_else(
+        dup, pc.binary_join_element_wise("same bytes as another source (id ", batch["id"], ")", ""), batch["detail"]
+    )
+    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", reason)
+    batch = batch.set_column(batch.schema.get_field_index("detail"), "detail", detail)
+    return batch.filter(pc.or_(pc.invert(batch["accepted"]), dup)).drop_columns(["accepted"])
+
+
+def publish(out: str, task_files: list[str], duplicates: set[str], rows_per_file: int) -> None:
+    """data/ partitioned by bucket (rows sorted by bucket, so each bucket is one file or a few of at most
+    `rows_per_file` rows), then rejects/. Both are rewritten from scratch: a rerun after a crash is clean."""
     import ray
 
     remove(join(out, "data"))
     remove(join(out, "rejects"))
-    accepted = ray.data.read_parquet(task_files).filter(lambda r: r["accepted"] and r["source"] not in duplicates)
-    accepted = accepted.drop_columns(["accepted", "reason", "detail"])
-    accepted.write_parquet(join(out, "data"), partition_cols=["bucket"], min_rows_per_file=settings["rows_per_file"])
-
-    def as_reject(batch: pa.Table) -> pa.Table:
-        dup = pa.array([s in duplicates for s in batch["source"].to_pylist()])
-        rows = batch.to_pylist()
-        for row, is_dup in zip(rows, dup.to_pylist(), strict=True):
-            if is_dup:
-                row.update(accepted=False, reason="duplicate", detail=f"same bytes as another source (id {row['id']})")
-        keep = [r for r in rows if not r["accepted"]]
-        return pa.Table.from_pylist(keep, schema=batch.schema) if keep else batch.schema.empty_table()
-
+    staged = ray.data.read_parquet(task_files)
+    accepted = staged.map_batches(_keep_accepted, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
+    accepted = accepted.sort("bucket")
+    accepted.write_parquet(join(out, "data"), partition_cols=["bucket"], max_rows_per_file=rows_per_file)
     columns = ["id", "source", "label", "accepted", "reason", "detail", "orig_width", "orig_height"]
-    rejects = ray.data.read_parquet(task_files, columns=columns).map_batches(as_reject, batch_format="pyarrow")
-    rejects.drop_columns(["accepted"]).write_parquet(join(out, "rejects"))
-    return count(task_files, duplicates, settings["budgets"])
+    rejects = ray.data.read_parquet(task_files).select_columns(columns)
+    rejects = rejects.map_batches(_keep_rejected, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
+    rejects.write_parquet(join(out, "rejects"))
 
 
 def count(task_files: list[str], duplicates: set[str], budgets: list[int]) -> dict[str, Any]:
@@ -373,6 +391,11 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
 
     init_ray()
     import ray
+    from ray.data.context import ShuffleStrategy
+
+    # The dedup groupby and the sort by bucket are the two shuffles. The pull-based sort shuffle runs as
+    # plain tasks; the default actor-based one costs ~10 s of start-up per shuffle on a small run.
+    ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
     if todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -385,7 +408,8 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
 
     task_files = [task_file(staging, t["task"]) for t in tasks]
     duplicates = find_duplicates(task_files)
-    counts = publish(out, task_files, duplicates, settings)
+    counts = count(task_files, duplicates, settings["budgets"])
+    publish(out, task_files, duplicates, settings["rows_per_file"])
     manifest = {
         "stage": "ingest",
         "key": out.rstrip("/").rsplit("/", 1)[-1],

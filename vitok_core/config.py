@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vitok_core.model.variants import VariantError, parse_variant
+from vitok_core.variants import VariantError, parse_variant
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    variant: str = "Ld4-Ld24/1x16x64"  # "{enc}-{dec}/1x{p}x{c}", see vitok_core.model.variants
+    variant: str = "Ld4-Ld24/1x16x64"  # "{enc}-{dec}/1x{p}x{c}", see vitok_core.variants
     layer_scale_init: float = 1e-4
     activation_checkpointing: bool = False  # recompute block activations in backward (memory for time)
     local_window: int | None = None  # inference only: 2D attention radius in patches (paper: 8); None = full
@@ -102,7 +102,7 @@ class IngestConfig:
     keep_formats: list[str] = field(default_factory=lambda: ["jpeg", "webp"])  # stored as-is when small enough
     files_per_task: int = 256  # files per task (unit of parallel work and of resume); a tar shard or a
     # Parquet row group is always one task
-    rows_per_file: int = 2048  # accepted rows per output Parquet file (~100-300 MB of JPEGs at 0.4 MP)
+    rows_per_file: int = 2048  # at most this many rows per output file (~100-300 MB of JPEGs at 0.4 MP)
 
 
 @dataclass

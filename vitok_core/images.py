@@ -11,11 +11,13 @@ The rule for non-RGB inputs (documented once, used everywhere):
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _WHITE = (255, 255, 255)
 
@@ -79,11 +81,15 @@ def to_tensor(image: Image.Image | np.ndarray) -> Tensor:
         raise TypeError(f"expected a PIL image or numpy array, got {type(image).__name__}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"image has zero size: {array.shape[:2]}")
+    import torch  # here, not at the top: ingest workers use this module without loading torch
+
     tensor = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float()
     return tensor / 127.5 - 1.0
 
 
 def to_uint8(image: Tensor) -> np.ndarray:
     """[3, H, W] in [-1, 1] -> HxWx3 uint8 (clipped), for saving and metrics."""
+    import torch
+
     array = ((image.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return array.permute(1, 2, 0).cpu().numpy()

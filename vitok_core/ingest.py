@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps
 
+from vitok_core.budget import bucket_of
 from vitok_core.images import to_rgb
-from vitok_core.naflex import bucket_of
 
 REJECT_REASONS = {
     "empty_file": "the source has zero bytes",

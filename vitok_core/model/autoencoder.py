@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vitok_core.model.layers import Block, attention_mask, rope_2d
-from vitok_core.model.variants import TowerSpec, VariantSpec, parse_variant
+from vitok_core.variants import TowerSpec, VariantSpec, parse_variant
 
 # Parameter-name prefixes of the published encoder.safetensors / decoder.safetensors.
 ENCODER_PREFIXES = ("patch_embed.", "encoder_blocks.", "to_code.")

@@ -1,0 +1,59 @@
+"""Shared fixtures: one real local Ray and one real S3 endpoint (moto's server on 127.0.0.1) per session.
+
+Ray binds loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set before Ray is imported). The S3
+variables are set before Ray starts so that its workers inherit them, as they would from a cluster's
+environment; nothing reads credentials from a config file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1; yields a function that creates a fresh bucket and returns its name."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    import s3fs
+
+    created = []
+
+    def make_bucket(name: str) -> str:
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+        created.append(name)
+        return name
+
+    yield make_bucket
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """A real local Ray (2 CPUs), started after the S3 environment exists so workers inherit it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
