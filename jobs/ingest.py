@@ -145,6 +145,9 @@ def list_tasks(settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         for path in (p for p in paths if p.lower().endswith(".parquet")):
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
+            for key in ("parquet_image_column", "parquet_label_column"):
+                if settings[key] and settings[key] not in meta.schema.names:
+                    raise ValueError(f"ingest.{key}={settings[key]!r}: {path} has columns {meta.schema.names}")
             offset = 0
             for group in range(meta.num_row_groups):
                 tasks.append({"uris": [_with_protocol(fs, path)], "row_group": group, "first_row": offset})
@@ -203,9 +206,6 @@ def _read_parquet(item: dict[str, Any], image_column: str, label_column: str) ->
     uri = item["uris"][0]
     with fsspec.open(uri, "rb") as f:
         table = pq.ParquetFile(f).read_row_group(item["row_group"])
-    for column in (image_column, label_column):
-        if column and column not in table.column_names:
-            raise KeyError(f"{uri} has no column {column!r} (ingest.parquet_*_column); columns: {table.column_names}")
     images = table.column(image_column).to_pylist()
     labels = table.column(label_column).to_pylist() if label_column else [None] * len(images)
     for i, (data, label) in enumerate(zip(images, labels, strict=True)):
