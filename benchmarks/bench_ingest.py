@@ -52,7 +52,6 @@ import os
 import platform
 import pstats
 import shutil
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -62,14 +61,14 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (jobs.common sets it too)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # as in the tests: keeps the output readable
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
-from jobs.ingest import _record, ingest_settings, row_schema, rules_from  # noqa: E402
-from vitok_core.config import load_config  # noqa: E402
-from vitok_core.ingest import process_image  # noqa: E402
+from jobs.ingest import _record, ingest_settings, row_schema, rules_from
+from vitok_core.config import load_config
+from vitok_core.ingest import process_image
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / ".data" / "bench_ingest"

@@ -52,6 +52,7 @@ log = logging.getLogger("vitok.ingest")
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif"}  # members of tar shards that are images
 CODE_VERSION = "ingest-1"  # bump when a change alters what ingest writes
+ROWS_PER_GROUP = 256  # ~25 MB of 0.4 MP JPEGs: the unit a streaming loader reads at a time
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,7 +330,12 @@ def publish(out: str, task_files: list[str], duplicates: set[str], rows_per_file
     staged = ray.data.read_parquet(task_files)
     accepted = staged.map_batches(_keep_accepted, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
     accepted = accepted.sort("bucket")
-    accepted.write_parquet(join(out, "data"), partition_cols=["bucket"], max_rows_per_file=rows_per_file)
+    accepted.write_parquet(
+        join(out, "data"),
+        partition_cols=["bucket"],
+        max_rows_per_file=rows_per_file,
+        row_group_size=min(ROWS_PER_GROUP, rows_per_file),
+    )
     columns = ["id", "source", "label", "accepted", "reason", "detail", "orig_width", "orig_height"]
     rejects = ray.data.read_parquet(task_files).select_columns(columns)
     rejects = rejects.map_batches(_keep_rejected, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow")
