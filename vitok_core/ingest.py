@@ -127,9 +127,11 @@ def _process(data: bytes, rules: IngestRules) -> Outcome:
             # DCT-domain downscale (1/2, 1/4, 1/8) while decoding: never below the target size.
             img.draft("RGB", (store_h, store_w) if orientation in _TRANSPOSED else (store_w, store_h))
         img.load()
-        rgb = to_rgb(ImageOps.exif_transpose(img))
+        rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
         if rgb.size != (store_w, store_h):
-            rgb = rgb.resize((store_w, store_h), Image.Resampling.BICUBIC)
+            # reducing_gap: a box pre-shrink by an integer factor, then bicubic; visually the same as a
+            # plain bicubic (Pillow's docs) and several times faster for large reductions (PNG, WebP).
+            rgb = rgb.resize((store_w, store_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     except Exception as err:
         return _reject(image_id, "undecodable", f"decode: {type(err).__name__}: {err}", width, height)
 
