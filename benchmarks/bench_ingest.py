@@ -2,9 +2,11 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_ingest.py             # 2 x 2000 images, about 10-15 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_ingest.py --quick     # 2 x 300 images, about 2-3 minutes
+    .venv/bin/python benchmarks/bench_ingest.py             # 2 x 2000 images, about 7 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_ingest.py --quick     # 2 x 300 images, about 2 minutes
     .venv/bin/python benchmarks/bench_ingest.py --n 5000 --repeats 3
+
+Generating the images the first time adds about 1 minute per 1000 high-resolution images (2 processes).
 
 Images. Two sets of JPEGs (quality 90, Pillow defaults: 4:2:0, no EXIF) are generated once and cached under
 .data/bench_ingest/<mix>/images/ (git-ignored). Every image is a random crop of one of the real colour photos
@@ -15,7 +17,8 @@ size: an aspect ratio from common photo ratios (weighted; 3:2 and 4:3 most commo
   (b) highres: 1000-4000 px, uniform (~5 MP mean), like camera output.
 Image i of a mix depends only on (seed, mix, i), so a cache made for another count is trimmed or extended;
 another seed or recipe regenerates it. The sources are at most 1411 px, so the high-resolution images are
-up-scaled and smoother than camera photos (fewer bits per pixel): the output prints bits per pixel.
+up-scaled and smoother than camera photos (fewer bits per pixel, so cheaper to entropy-decode): the output
+prints bits per pixel.
 
 What is measured, per mix (everything printed is measured in this run, nothing is hard-coded):
   bare loop   one Python process pinned to one core: read each file's bytes, `process_image(data, rules)`
@@ -28,13 +31,19 @@ What is measured, per mix (everything printed is measured in this run, nothing i
               img/s = n / wall seconds of run(); per core = that / 2 (the CPUs given to Ray). The
               'process' phase (manifest timing_s.process: the parallel map writing staging files) is also
               reported alone, because the fixed costs of listing and publishing (dedup + sort by bucket +
-              partitioned write) weigh a lot at this size.
+              partitioned write) weigh a lot at this size. files_per_task is the config default unless that
+              leaves fewer tasks than the 2 CPUs (then n / 2), or --files-per-task.
+              Instrumentation (the repository's files are untouched): while a run lasts, the benchmark
+              replaces the module attributes jobs.ingest.{list_tasks, find_duplicates, count, publish} with
+              timing wrappers, and jobs.ingest.process_task with a wrapper that calls it in the Ray worker
+              and writes the task's wall/CPU times to a small JSON file beside the staging area.
   profile     cProfile of process_image over a sample of each mix (header, EXIF, decode, resize, encode,
-              SHA-256 ...), run in-process before Ray starts; cProfile adds overhead to Python calls.
+              SHA-256 ...), run in-process before Ray starts; cProfile inflates Python-level calls
+              (exif_transpose, Image.open), so read the shares as rough.
 CPU-seconds: the bare loop's own process time; for the job, the driver plus every Ray process under it
-(psutil; processes that exit during a run are missed). "foreign" is the share of the machine's CPU taken by
-other processes meanwhile (from /proc/stat): the machine is shared, so read the load average printed at
-start and end. Results also go to benchmarks/results/bench_ingest.json.
+(psutil, sampled every 0.2 s). "foreign" is the share of the machine's CPU taken by other processes
+meanwhile (from /proc/stat): the machine is shared, so also read the load average printed at start and end.
+Results also go to benchmarks/results/bench_ingest.json (with per-task timelines of the job).
 
 Goals checked: Ray job img/s per core >= 0.8 x the bare loop on both mixes, and >= 150 img/s/core on (a).
 """
@@ -42,16 +51,22 @@ Goals checked: Ray job img/s per core >= 0.8 x the bare loop on both mixes, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime as dt
+import hashlib
 import importlib.util
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
 import platform
 import pstats
 import shutil
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -64,6 +79,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # as in the tests:
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import ASPECTS, cpu_model, format_table
 from PIL import Image
 
 from jobs.ingest import _record, ingest_settings, row_schema, rules_from
@@ -81,24 +97,21 @@ OPTIONAL_PHOTOS = ("motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg")
 PART_ROWS = 256  # bare loop: one Parquet file per this many images (the job's default files_per_task)
 RAY_CPUS = 2
 PRESET = "tiny"
+# The code the measured work runs: fingerprinted at start and end, since a change in between (another session
+# editing the tree) would make the bare loop and the Ray workers run different versions.
+SOURCES = (
+    "jobs/ingest.py",
+    "jobs/common.py",
+    "vitok_core/ingest.py",
+    "vitok_core/images.py",
+    "vitok_core/budget.py",
+    "vitok_core/variants.py",
+    "vitok_core/config.py",
+    "vitok_core/artifacts.py",
+)
 
 # (label, width : height, relative weight): the same photo-ratio mix as bench_model.py, all within the
 # job's max_aspect of 4.
-ASPECTS: tuple[tuple[str, float, float], ...] = (
-    ("3:2", 3 / 2, 3.0),
-    ("4:3", 4 / 3, 3.0),
-    ("5:4", 5 / 4, 0.5),
-    ("16:9", 16 / 9, 2.0),
-    ("16:10", 16 / 10, 0.5),
-    ("1:1", 1.0, 1.0),
-    ("2:3", 2 / 3, 1.5),
-    ("3:4", 3 / 4, 1.5),
-    ("9:16", 9 / 16, 1.0),
-    ("21:9", 21 / 9, 0.25),
-    ("3:1", 3.0, 0.1),
-    ("4:5", 4 / 5, 0.5),
-    ("1.91:1", 1.91, 0.25),
-)
 
 
 @dataclass(frozen=True)
@@ -121,16 +134,6 @@ MIXES = (
 
 
 # -- environment -----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def available_cores() -> list[int]:
@@ -161,7 +164,24 @@ def environment() -> dict[str, Any]:
         "pyarrow": pa.__version__,
         "numpy": np.__version__,
         "loadavg_start": loadavg(),
+        "sources_start": source_fingerprint(),
     }
+
+
+def source_fingerprint() -> dict[str, str]:
+    """git HEAD (+ '-dirty' when SOURCES differ from it) and a short SHA-256 of each file in SOURCES."""
+    out = {}
+    for rel in SOURCES:
+        path = REPO / rel
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+    try:
+        git = {"cwd": REPO, "capture_output": True, "text": True}
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *SOURCES], **git)
+        out["git_head"] = (head.stdout.strip() or "?") + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        out["git_head"] = "?"
+    return out
 
 
 def machine_busy_seconds() -> float | None:
@@ -174,27 +194,52 @@ def machine_busy_seconds() -> float | None:
     return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_tree_cpu() -> dict[int, float]:
-    """CPU-seconds (user + system) of this process and all its descendants (Ray's raylet, GCS, workers)."""
-    try:
+class TreeCPU:
+    """CPU-seconds (user + system) of this process and all its descendants (Ray's GCS, raylet, workers).
+
+    A thread samples the tree every `interval` seconds, so a process that exits during the window is counted
+    up to its last sample (at most `interval` of its CPU time is missed). None without psutil."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self.seconds: float | None = None
+
+    def _sample(self) -> dict[int, float]:
         import psutil
-    except ImportError:
-        return {}
-    me = psutil.Process()
-    out = {}
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            out[proc.pid] = t.user + t.system
-        except psutil.Error:
-            pass
-    return out
 
+        me = psutil.Process()
+        out = {}
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return out
 
-def tree_delta(before: dict[int, float], after: dict[int, float]) -> float | None:
-    if not after:
-        return None
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._last.update(self._sample())
+
+    def __enter__(self) -> TreeCPU:
+        if importlib.util.find_spec("psutil") is not None:
+            self._first = self._sample()
+            self._last = dict(self._first)
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._last.update(self._sample())
+        self.seconds = sum(t - self._first.get(pid, 0.0) for pid, t in self._last.items())
 
 
 def foreign_share(busy: float | None, own_cpu: float | None, wall: float, cores: int) -> float | None:
@@ -355,7 +400,7 @@ def _bare_loop(paths: list[str], overrides: list[str], out_dir: str, cpu: int) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     accepted, parts, records = 0, 0, []
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    busy0, wall0, cpu0 = machine_busy_seconds(), time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb") as f:
             data = f.read()
@@ -368,29 +413,101 @@ def _bare_loop(paths: list[str], overrides: list[str], out_dir: str, cpu: int) -
     if records:
         pq.write_table(pa.Table.from_pylist(records, schema=schema), out / f"part-{parts:05d}.parquet")
         parts += 1
-    wall, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {"wall_s": wall, "cpu_s": cpu_s, "accepted": accepted, "parquet_files": parts}
+    wall, cpu_s, busy1 = time.perf_counter() - wall0, time.process_time() - cpu0, machine_busy_seconds()
+    busy = None if busy0 is None or busy1 is None else busy1 - busy0
+    foreign = foreign_share(busy, cpu_s, wall, len(available_cores()))
+    return {"wall_s": wall, "cpu_s": cpu_s, "foreign_cpu_share": foreign, "accepted": accepted, "parquet_files": parts}
 
 
 def run_bare(paths: list[str], overrides: list[str], out_dir: Path, cpu: int) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
-    ctx = mp.get_context("spawn")
-    busy0 = machine_busy_seconds()
-    with ctx.Pool(1) as pool:
+    with mp.get_context("spawn").Pool(1) as pool:
         result = pool.apply(_bare_loop, (paths, overrides, str(out_dir), cpu))
-    busy1 = machine_busy_seconds()
     result["stored_mb"] = sum(p.stat().st_size for p in out_dir.glob("*.parquet")) / 2**20
     shutil.rmtree(out_dir, ignore_errors=True)
     n = len(paths)
     result["images_per_s"] = n / result["wall_s"]
     result["cpu_ms_per_image"] = 1000 * result["cpu_s"] / n
-    # The pool's start-up is outside wall_s but inside the /proc/stat window: a small overcount of foreign.
-    busy = None if busy0 is None or busy1 is None else busy1 - busy0
-    result["foreign_cpu_share"] = foreign_share(busy, result["cpu_s"], result["wall_s"], len(available_cores()))
     return result
 
 
 # -- Ray job ---------------------------------------------------------------------------------------
+
+
+def _timed_process_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
+    """Runs in a Ray worker in place of jobs.ingest.process_task: the same call, plus its wall/CPU times
+    written to {staging}_bench/ (read by run_job; the job never looks there)."""
+    import jobs.ingest as job
+
+    fn = getattr(job, "_bench_original_process_task", job.process_task)  # in a worker: the unpatched one
+    start, cpu0 = time.time(), time.process_time()
+    summary = fn(item, settings, staging)
+    record = {"task": item["task"], "images": summary["read"], "start": start, "end": time.time()}
+    record.update(cpu_s=time.process_time() - cpu0, pid=os.getpid())
+    folder = f"{staging}_bench"
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"task-{item['task']:07d}.json"), "w") as f:
+        json.dump(record, f)
+    return summary
+
+
+@contextlib.contextmanager
+def instrumented_job(phases: dict[str, float]):
+    """Time the steps of jobs.ingest.run by wrapping the module's functions it calls (the files are untouched)."""
+    from ray import cloudpickle
+
+    import jobs.ingest as job
+
+    if __name__ != "__main__":  # imported (benchmarks/ is not on the workers' path): ship the wrapper by value
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    names = ("list_tasks", "find_duplicates", "count", "publish")
+    originals = {name: getattr(job, name) for name in (*names, "process_task")}
+
+    def timed(name: str):
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    for name in names:
+        setattr(job, name, timed(name))
+    job._bench_original_process_task = originals["process_task"]
+    job.process_task = _timed_process_task
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(job, name, fn)
+        del job._bench_original_process_task
+
+
+def task_stats(records: list[dict], run_start: float, process_s: float, n: int) -> dict[str, Any]:
+    """Per-task timings of one job run -> utilisation of the Ray CPUs during the process phase."""
+    if not records:
+        return {}
+    busy = sum(r["end"] - r["start"] for r in records)
+    return {
+        "tasks": len(records),
+        "worker_pids": len({r["pid"] for r in records}),
+        "first_task_start_s": min(r["start"] for r in records) - run_start,
+        "last_task_end_s": max(r["end"] for r in records) - run_start,
+        "task_wall_s": sorted(r["end"] - r["start"] for r in records),
+        "task_busy_s": busy,
+        "worker_cpu_s": sum(r["cpu_s"] for r in records),
+        "worker_cpu_ms_per_image": 1000 * sum(r["cpu_s"] for r in records) / n,
+        "worker_wall_ms_per_image": 1000 * busy / n,
+        # Share of the Ray CPUs' time in the process phase spent inside process_task.
+        "process_utilisation": busy / (RAY_CPUS * process_s) if process_s > 0 else None,
+        "timeline": [
+            {"task": r["task"], "pid": r["pid"], "images": r["images"], "start_s": r["start"] - run_start}
+            | {"end_s": r["end"] - run_start, "cpu_s": r["cpu_s"]}
+            for r in sorted(records, key=lambda r: r["start"])
+        ],
+    }
 
 
 def run_job(source: Path, root: Path, files_per_task: int) -> dict[str, Any]:
@@ -398,21 +515,26 @@ def run_job(source: Path, root: Path, files_per_task: int) -> dict[str, Any]:
 
     shutil.rmtree(root, ignore_errors=True)
     cfg = load_config(PRESET, job_overrides(source, root, files_per_task))
-    tree0, busy0 = process_tree_cpu(), machine_busy_seconds()
-    start = time.perf_counter()
-    manifest = run(cfg)
-    wall = time.perf_counter() - start
-    tree_cpu, busy1 = tree_delta(tree0, process_tree_cpu()), machine_busy_seconds()
+    phases: dict[str, float] = {}
+    with instrumented_job(phases), TreeCPU() as tree:
+        busy0, run_start, start = machine_busy_seconds(), time.time(), time.perf_counter()
+        manifest = run(cfg)
+        wall = time.perf_counter() - start
+        busy1 = machine_busy_seconds()
     busy = None if busy0 is None or busy1 is None else busy1 - busy0
     output = Path(manifest["output"])
     stored = sum(p.stat().st_size for p in (output / "data").rglob("*.parquet")) / 2**20
+    records = [json.loads(p.read_text()) for p in sorted((output / "_staging_bench").glob("task-*.json"))]
+    n = manifest["counts"]["read"]
     shutil.rmtree(root, ignore_errors=True)
     return {
         "wall_s": wall,
         "timing_s": manifest["timing_s"],
+        "phases_s": phases,
+        "tasks": task_stats(records, run_start, manifest["timing_s"]["process"], n),
         "counts": manifest["counts"],
-        "cpu_s": tree_cpu,
-        "foreign_cpu_share": foreign_share(busy, tree_cpu, wall, len(available_cores())),
+        "cpu_s": tree.seconds,
+        "foreign_cpu_share": foreign_share(busy, tree.seconds, wall, len(available_cores())),
         "stored_mb": stored,
     }
 
@@ -422,6 +544,12 @@ def start_ray() -> dict[str, Any]:
 
     start = time.perf_counter()
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+    import ray.data  # configures its loggers on import
+
+    # Console only (the file log under /tmp/ray stays as it is): Ray Data prints INFO lines per dataset run.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
     return {"init_s": time.perf_counter() - start, "cpus": ray.cluster_resources().get("CPU")}
 
 
@@ -447,7 +575,7 @@ PROFILE_PARTS = (
     ("getexif", "PIL/Image.py", "getexif"),
     ("draft", "PIL/JpegImagePlugin.py", "draft"),
     ("decode (ImageFile.load)", "PIL/ImageFile.py", "load"),
-    ("exif_transpose (incl. copy)", "PIL/ImageOps.py", "exif_transpose"),
+    ("exif_transpose", "PIL/ImageOps.py", "exif_transpose"),
     ("to_rgb", "vitok_core/images.py", "to_rgb"),
     ("resize (bicubic)", "PIL/Image.py", "resize"),
     ("encode (Image.save)", "PIL/Image.py", "save"),
@@ -485,19 +613,6 @@ def profile_mix(paths: list[str], rules: Any) -> dict[str, Any]:
 # -- output ----------------------------------------------------------------------------------------
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Plain-text table: first column left-aligned, the rest right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line([str(c) for c in r]) for r in rows)])
-
-
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
@@ -528,12 +643,15 @@ def summary_table(rows: Sequence[dict]) -> str:
 
 
 def detail_table(rows: Sequence[dict]) -> str:
-    headers = ["mix", "files/task", "tasks", "bare s", "bare CPU ms/img", "bare foreign"]
-    headers += ["job s", "list s", "process s", "publish s", "job CPU ms/img", "job foreign", "accepted", "stored MB"]
+    headers = ["mix", "files/task", "tasks", "bare s", "bare CPU ms/img", "bare foreign", "job s", "list s"]
+    headers += ["process s", "publish s", "= dedup + count + write + rest", "job CPU ms/img", "job foreign"]
+    headers += ["accepted", "stored MB"]
     body = []
     for r in rows:
         job, bare = r["job_median"], r["bare_median"]
-        t = job["timing_s"]
+        t, ph = job["timing_s"], job["phases_s"]
+        dedup, counting, write = (ph.get(k, 0.0) for k in ("find_duplicates", "count", "publish"))
+        split = f"{dedup:.1f} + {counting:.2f} + {write:.1f} + {t['publish'] - dedup - counting - write:.2f}"
         cpu = "n/a" if job["cpu_s"] is None else f"{1000 * job['cpu_s'] / r['n']:.1f}"
         body.append(
             [
@@ -541,16 +659,42 @@ def detail_table(rows: Sequence[dict]) -> str:
                 r["files_per_task"],
                 len(r["task_sizes"]),
                 f"{bare['wall_s']:.1f}",
-                f"{bare['cpu_ms_per_image']:.1f}",
+                f"{bare['cpu_ms_per_image']:.2f}",
                 pct(bare["foreign_cpu_share"]),
                 f"{job['wall_s']:.1f}",
                 f"{t['list']:.2f}",
                 f"{t['process']:.1f}",
                 f"{t['publish']:.1f}",
+                split,
                 cpu,
                 pct(job["foreign_cpu_share"]),
                 f"{bare['accepted']}/{job['counts']['accepted']}",
                 f"{bare['stored_mb']:.0f}/{job['stored_mb']:.0f}",
+            ]
+        )
+    return format_table(headers, body)
+
+
+def process_table(rows: Sequence[dict]) -> str:
+    headers = ["mix", "process s", "1st task starts at s", "task wall s (min-max)", "last task ends at s"]
+    headers += ["worker wall ms/img", "worker CPU ms/img", "bare wall ms/img", "Ray CPUs busy in process_task"]
+    body = []
+    for r in rows:
+        job, bare = r["job_median"], r["bare_median"]
+        ts = job["tasks"]
+        if not ts:
+            continue
+        body.append(
+            [
+                r["title"],
+                f"{job['timing_s']['process']:.1f}",
+                f"{ts['first_task_start_s']:.2f}",
+                f"{ts['task_wall_s'][0]:.1f}-{ts['task_wall_s'][-1]:.1f}",
+                f"{ts['last_task_end_s']:.1f}",
+                f"{ts['worker_wall_ms_per_image']:.2f}",
+                f"{ts['worker_cpu_ms_per_image']:.2f}",
+                f"{1000 * bare['wall_s'] / r['n']:.2f}",
+                pct(ts["process_utilisation"]),
             ]
         )
     return format_table(headers, body)
@@ -597,6 +741,7 @@ def main() -> None:
     print(f"cpu: {env['cpu']}  cores: {env['cores']}  python {env['python']}")
     print(f"ray {env['ray']}  pillow {env['pillow']}  pyarrow {env['pyarrow']}  numpy {env['numpy']}")
     print(f"load average at start (1/5/15 min): {env['loadavg_start']}")
+    print(f"code: git {env['sources_start']['git_head']} (job sources fingerprinted; checked again at the end)")
     print(
         f"config '{PRESET}': store_max_pixels {store_cap:,} (default), store_quality {base.ingest.store_quality}, "
         f"keep_formats {list(base.ingest.keep_formats)}, budgets {list(base.data.budgets)}"
@@ -733,14 +878,27 @@ def main() -> None:
     print()
     print("Table 2: where the time goes")
     print(detail_table(rows))
-    print("  job CPU = driver + all Ray processes (raylet, GCS, workers); foreign = other processes' share of the")
-    print("  machine meanwhile; accepted and stored MB: bare loop / job (bare stores Parquet of all rows, the job")
-    print("  its data/ partition)")
+    print("  publish split (timed by wrapping jobs.ingest functions): dedup = find_duplicates (Ray Data groupby),")
+    print("  count = manifest counts on the driver, write = publish (Ray Data sort by bucket + partitioned write,")
+    print("  then rejects), rest = manifest + _SUCCESS + deleting the staging area")
+    print("  job CPU = driver + all Ray processes (GCS, raylet, workers), sampled every 0.2 s; foreign = other")
+    print("  processes' share of the machine meanwhile; accepted and stored MB: bare loop / job (the bare loop's")
+    print("  Parquet holds all rows, the job's data/ the accepted ones)")
+    print()
+    print("Table 3: the job's process phase (per-task wall and CPU time measured inside the Ray workers)")
+    print(process_table(rows))
+    print("  task start/end times are relative to the start of run(); 'Ray CPUs busy' = sum of task wall times /")
+    print(f"  ({RAY_CPUS} x process s); worker ms/img = summed over tasks / n")
 
     runtime = time.perf_counter() - started
     env["loadavg_end"] = loadavg()
+    env["sources_end"] = source_fingerprint()
+    changed = [k for k, v in env["sources_start"].items() if env["sources_end"].get(k) != v]
+    env["sources_changed"] = changed
     print()
     print(f"runtime {runtime:.1f} s; load average at end (1/5/15 min): {env['loadavg_end']}")
+    if changed:
+        print(f"WARNING: {', '.join(changed)} changed during the run: the measurements mix code versions; rerun")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for info in image_sets.values():
         info.pop("paths")
