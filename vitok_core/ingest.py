@@ -122,19 +122,7 @@ def _process(data: bytes, rules: IngestRules) -> Outcome:
 
     store_w, store_h = storage_size(width, height, rules.store_max_pixels)
     frames = getattr(img, "n_frames", 1)
-    try:
-        if img.format == "JPEG" and (store_w, store_h) != (width, height):
-            # DCT-domain downscale (1/2, 1/4, 1/8) while decoding: never below the target size.
-            img.draft("RGB", (store_h, store_w) if orientation in _TRANSPOSED else (store_w, store_h))
-        img.load()
-        rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
-        if rgb.size != (store_w, store_h):
-            # reducing_gap: a box pre-shrink by an integer factor, then bicubic; visually the same as a
-            # plain bicubic (Pillow's docs) and several times faster for large reductions (PNG, WebP).
-            rgb = rgb.resize((store_w, store_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    except Exception as err:
-        return _reject(image_id, "undecodable", f"decode: {type(err).__name__}: {err}", width, height)
-
+    # Known from the header: a JPEG/WebP that needs no rotation, conversion or downscale is stored as is.
     keep = (
         _KEEPABLE.get(img.format or "") in rules.keep_formats
         and img.mode == "RGB"
@@ -142,6 +130,23 @@ def _process(data: bytes, rules: IngestRules) -> Outcome:
         and frames == 1
         and (store_w, store_h) == (width, height)
     )
+    try:
+        if img.format == "JPEG" and (keep or (store_w, store_h) != (width, height)):
+            # DCT-domain downscale (1/2, 1/4, 1/8) while decoding, never below the target size. A kept JPEG
+            # is decoded only to prove it is whole: 1/8 scale still reads every coded byte (truncation and
+            # corrupt data still raise) at about half the cost of a full decode.
+            target = (max(1, width // 8), max(1, height // 8)) if keep else (store_w, store_h)
+            img.draft("RGB", target[::-1] if orientation in _TRANSPOSED else target)
+        img.load()
+        if not keep:
+            rgb = to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)
+            if rgb.size != (store_w, store_h):
+                # reducing_gap: a box pre-shrink by an integer factor, then bicubic; visually the same as a
+                # plain bicubic (Pillow's docs) and several times faster for large reductions (PNG, WebP).
+                rgb = rgb.resize((store_w, store_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    except Exception as err:
+        return _reject(image_id, "undecodable", f"decode: {type(err).__name__}: {err}", width, height)
+
     if keep:
         stored, fmt = data, _KEEPABLE[img.format]
     else:
