@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 
-def _check_size(height: int, width: int, patch_size: int, max_tokens: int) -> None:
+def check_size(height: int, width: int, patch_size: int, max_tokens: int) -> None:
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
     if max_tokens < 1:
@@ -23,7 +23,7 @@ def fit_to_token_budget(height: int, width: int, patch_size: int, max_tokens: in
     (min(hp' p, h), min(wp' p, w)). For aspect ratios so extreme that a side would get 0 patches, that
     side gets 1 patch and the other floor(T / 1) patches at most (our rule; the reference would crash).
     """
-    _check_size(height, width, patch_size, max_tokens)
+    check_size(height, width, patch_size, max_tokens)
     hp, wp = math.ceil(height / patch_size), math.ceil(width / patch_size)
     if hp * wp <= max_tokens:
         return height, width

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from vitok_core.budget import _check_size, bucket_of, fit_to_token_budget
+from vitok_core.budget import bucket_of, check_size, fit_to_token_budget
 from vitok_core.images import to_tensor
 
 __all__ = [
@@ -68,7 +68,7 @@ def patchify(image: Tensor, patch_size: int) -> PatchDict:
     """
     image = _as_image_tensor(image)
     h, w = image.shape[-2:]
-    _check_size(h, w, patch_size, max_tokens=1)
+    check_size(h, w, patch_size, max_tokens=1)
     rows, cols = math.ceil(h / patch_size), math.ceil(w / patch_size)
     padded = F.pad(image, (0, cols * patch_size - w, 0, rows * patch_size - h), value=0.0)
     patches = F.unfold(padded[None], kernel_size=patch_size, stride=patch_size)[0].T.contiguous()
