@@ -25,18 +25,19 @@ What is measured, per mix (everything printed is measured in this run, nothing i
               with the IngestRules the job derives from the same config (`ingest_settings` + `rules_from`),
               the job's own record dicts, and one Parquet file per 256 images (pyarrow), like the staging
               files. img/s = n / wall seconds of that loop.
+  2 bare      the same loop in two pinned processes at once, each on half of the images (context only:
+              what two busy processes get from this machine's two vCPUs).
   Ray job     `jobs.ingest.run(cfg)` (config `tiny` + ingest.source/root/files_per_task overrides, default
               store_max_pixels) on a local Ray started once with ray.init(num_cpus=2, include_dashboard=False)
               before any timing and reused, after one untimed warm-up job, on a fresh output root per run.
               img/s = n / wall seconds of run(); per core = that / 2 (the CPUs given to Ray). The
               'process' phase (manifest timing_s.process: the parallel map writing staging files) is also
-              reported alone, because the fixed costs of listing and publishing (dedup + sort by bucket +
-              partitioned write) weigh a lot at this size. files_per_task is the config default unless that
-              leaves fewer tasks than the 2 CPUs (then n / 2), or --files-per-task.
+              reported alone, with the manifest's times of the other steps (list, dedup, publish).
+              files_per_task is the config default unless that leaves fewer tasks than the 2 CPUs (then
+              n / 2), or --files-per-task.
               Instrumentation (the repository's files are untouched): while a run lasts, the benchmark
-              replaces the module attributes jobs.ingest.{list_tasks, find_duplicates, count, publish} with
-              timing wrappers, and jobs.ingest.process_task with a wrapper that calls it in the Ray worker
-              and writes the task's wall/CPU times to a small JSON file beside the staging area.
+              replaces jobs.ingest.ingest_task with a wrapper that calls it in the Ray worker and writes the
+              task's wall/CPU times to a small JSON file beside the staging area.
   profile     cProfile of process_image over a sample of each mix (header, EXIF, decode, resize, encode,
               SHA-256 ...), run in-process before Ray starts; cProfile inflates Python-level calls
               (exif_transpose, Image.open), so read the shares as rough.
@@ -419,6 +420,22 @@ def _bare_loop(paths: list[str], overrides: list[str], out_dir: str, cpu: int) -
     return {"wall_s": wall, "cpu_s": cpu_s, "foreign_cpu_share": foreign, "accepted": accepted, "parquet_files": parts}
 
 
+def run_bare_pair(paths: list[str], overrides: list[str], out_dir: Path, cpus: list[int]) -> dict[str, Any]:
+    """Two bare loops at once, one per core, each on half of the images: what two busy processes get
+    from this machine (shared caches, memory bandwidth, a hypervisor), next to the one-process loop."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    halves = [paths[0::2], paths[1::2]]
+    with mp.get_context("spawn").Pool(2) as pool:
+        pending = [
+            pool.apply_async(_bare_loop, (half, overrides, str(out_dir / f"half-{i}"), cpu))
+            for i, (half, cpu) in enumerate(zip(halves, cpus, strict=True))
+        ]
+        results = [p.get() for p in pending]
+    shutil.rmtree(out_dir, ignore_errors=True)
+    wall = max(r["wall_s"] for r in results)
+    return {"wall_s": wall, "images_per_s": len(paths) / wall, "images_per_s_per_core": len(paths) / wall / 2}
+
+
 def run_bare(paths: list[str], overrides: list[str], out_dir: Path, cpu: int) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
     with mp.get_context("spawn").Pool(1) as pool:
@@ -434,55 +451,40 @@ def run_bare(paths: list[str], overrides: list[str], out_dir: Path, cpu: int) ->
 # -- Ray job ---------------------------------------------------------------------------------------
 
 
-def _timed_process_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
-    """Runs in a Ray worker in place of jobs.ingest.process_task: the same call, plus its wall/CPU times
+def _timed_ingest_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
+    """Runs in a Ray worker in place of jobs.ingest.ingest_task: the same call, plus its wall/CPU times
     written to {staging}_bench/ (read by run_job; the job never looks there)."""
     import jobs.ingest as job
 
-    fn = getattr(job, "_bench_original_process_task", job.process_task)  # in a worker: the unpatched one
+    fn = getattr(job, "_bench_original_ingest_task", job.ingest_task)  # in a worker: the unpatched one
     start, cpu0 = time.time(), time.process_time()
-    summary = fn(item, settings, staging)
-    record = {"task": item["task"], "images": summary["read"], "start": start, "end": time.time()}
-    record.update(cpu_s=time.process_time() - cpu0, pid=os.getpid())
+    result = fn(item, settings, staging)
+    record = {"task": item["task"], "images": json.loads(result["summary"])["read"], "start": start}
+    record.update(end=time.time(), cpu_s=time.process_time() - cpu0, pid=os.getpid())
     folder = f"{staging}_bench"
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"task-{item['task']:07d}.json"), "w") as f:
         json.dump(record, f)
-    return summary
+    return result
 
 
 @contextlib.contextmanager
-def instrumented_job(phases: dict[str, float]):
-    """Time the steps of jobs.ingest.run by wrapping the module's functions it calls (the files are untouched)."""
+def instrumented_job():
+    """Time each task of the job's process step by swapping jobs.ingest.ingest_task for a timing wrapper
+    while the run lasts (the repository's files are untouched)."""
     from ray import cloudpickle
 
     import jobs.ingest as job
 
     if __name__ != "__main__":  # imported (benchmarks/ is not on the workers' path): ship the wrapper by value
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    names = ("list_tasks", "find_duplicates", "count", "publish")
-    originals = {name: getattr(job, name) for name in (*names, "process_task")}
-
-    def timed(name: str):
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return originals[name](*args, **kwargs)
-            finally:
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
-
-        return wrapper
-
-    for name in names:
-        setattr(job, name, timed(name))
-    job._bench_original_process_task = originals["process_task"]
-    job.process_task = _timed_process_task
+    job._bench_original_ingest_task = job.ingest_task
+    job.ingest_task = _timed_ingest_task
     try:
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(job, name, fn)
-        del job._bench_original_process_task
+        job.ingest_task = job._bench_original_ingest_task
+        del job._bench_original_ingest_task
 
 
 def task_stats(records: list[dict], run_start: float, process_s: float, n: int) -> dict[str, Any]:
@@ -515,8 +517,7 @@ def run_job(source: Path, root: Path, files_per_task: int) -> dict[str, Any]:
 
     shutil.rmtree(root, ignore_errors=True)
     cfg = load_config(PRESET, job_overrides(source, root, files_per_task))
-    phases: dict[str, float] = {}
-    with instrumented_job(phases), TreeCPU() as tree:
+    with instrumented_job(), TreeCPU() as tree:
         busy0, run_start, start = machine_busy_seconds(), time.time(), time.perf_counter()
         manifest = run(cfg)
         wall = time.perf_counter() - start
@@ -530,7 +531,6 @@ def run_job(source: Path, root: Path, files_per_task: int) -> dict[str, Any]:
     return {
         "wall_s": wall,
         "timing_s": manifest["timing_s"],
-        "phases_s": phases,
         "tasks": task_stats(records, run_start, manifest["timing_s"]["process"], n),
         "counts": manifest["counts"],
         "cpu_s": tree.seconds,
@@ -619,7 +619,7 @@ def pct(x: float | None) -> str:
 
 def summary_table(rows: Sequence[dict]) -> str:
     headers = ["mix", "n", "mean MP", "bare img/s (1 core)", "job img/s total", "job img/s/core", "ratio"]
-    headers += ["process img/s/core", "process ratio", "goals (>=0.8x; >=150/core on a)"]
+    headers += ["process img/s/core", "process ratio", "2 bare loops img/s/core", "goals (>=0.8x; >=150/core on a)"]
     body = []
     for r in rows:
         goals = f"0.8x: {'yes' if r['goal_ratio_met'] else 'NO'}"
@@ -636,6 +636,7 @@ def summary_table(rows: Sequence[dict]) -> str:
                 f"{r['ratio']:.2f}",
                 f"{r['process_images_per_s_per_core']:.1f}",
                 f"{r['process_ratio']:.2f}",
+                f"{r['bare_median']['pair']['images_per_s_per_core']:.1f}" if "pair" in r["bare_median"] else "n/a",
                 goals,
             ]
         )
@@ -644,14 +645,13 @@ def summary_table(rows: Sequence[dict]) -> str:
 
 def detail_table(rows: Sequence[dict]) -> str:
     headers = ["mix", "files/task", "tasks", "bare s", "bare CPU ms/img", "bare foreign", "job s", "list s"]
-    headers += ["process s", "publish s", "= dedup + count + write + rest", "job CPU ms/img", "job foreign"]
+    headers += ["process s", "dedup s", "publish s", "rest s", "job CPU ms/img", "job foreign"]
     headers += ["accepted", "stored MB"]
     body = []
     for r in rows:
         job, bare = r["job_median"], r["bare_median"]
-        t, ph = job["timing_s"], job["phases_s"]
-        dedup, counting, write = (ph.get(k, 0.0) for k in ("find_duplicates", "count", "publish"))
-        split = f"{dedup:.1f} + {counting:.2f} + {write:.1f} + {t['publish'] - dedup - counting - write:.2f}"
+        t = job["timing_s"]
+        rest = job["wall_s"] - t["list"] - t["process"] - t["dedup"] - t["publish"]
         cpu = "n/a" if job["cpu_s"] is None else f"{1000 * job['cpu_s'] / r['n']:.1f}"
         body.append(
             [
@@ -664,8 +664,9 @@ def detail_table(rows: Sequence[dict]) -> str:
                 f"{job['wall_s']:.1f}",
                 f"{t['list']:.2f}",
                 f"{t['process']:.1f}",
-                f"{t['publish']:.1f}",
-                split,
+                f"{t['dedup']:.2f}",
+                f"{t['publish']:.2f}",
+                f"{rest:.2f}",
                 cpu,
                 pct(job["foreign_cpu_share"]),
                 f"{bare['accepted']}/{job['counts']['accepted']}",
@@ -807,10 +808,17 @@ def main() -> None:
             info = image_sets[mix.name]
             overrides = job_overrides(Path(info["folder"]), runs_dir, files_per_task)
             result = run_bare(info["paths"], overrides, runs_dir / f"bare-{mix.name}", pin)
+            if len(cores) >= 2:
+                result["pair"] = run_bare_pair(info["paths"], overrides, runs_dir / f"pair-{mix.name}", cores[:2])
             bare[mix.name].append(result)
             print(
                 f"  {mix.title} run {rep + 1}: {result['wall_s']:.1f} s, {result['images_per_s']:.1f} img/s, "
-                f"{result['cpu_ms_per_image']:.1f} CPU ms/img, foreign {pct(result['foreign_cpu_share'])}",
+                f"{result['cpu_ms_per_image']:.1f} CPU ms/img, foreign {pct(result['foreign_cpu_share'])}"
+                + (
+                    f"; two at once: {result['pair']['images_per_s_per_core']:.1f} img/s/core"
+                    if "pair" in result
+                    else ""
+                ),
                 flush=True,
             )
     print()
@@ -829,8 +837,8 @@ def main() -> None:
             t = result["timing_s"]
             print(
                 f"  {mix.title} run {rep + 1}: {result['wall_s']:.1f} s (list {t['list']:.2f}, process "
-                f"{t['process']:.1f}, publish {t['publish']:.1f}), {n / result['wall_s']:.1f} img/s, "
-                f"foreign {pct(result['foreign_cpu_share'])}",
+                f"{t['process']:.1f}, dedup {t['dedup']:.1f}, publish {t['publish']:.1f}), "
+                f"{n / result['wall_s']:.1f} img/s, foreign {pct(result['foreign_cpu_share'])}",
                 flush=True,
             )
     shutil.rmtree(runs_dir, ignore_errors=True)
@@ -873,14 +881,15 @@ def main() -> None:
     print(summary_table(rows))
     print("  bare: 1 process, 1 pinned core; job: jobs.ingest.run on local Ray with 2 CPUs, wall time of run()")
     print("  ratio = (job img/s / 2 cores) / bare img/s; process = manifest timing_s.process (the parallel map)")
+    print("  2 bare loops: two pinned bare loops at once, each on half of the images (context: what two busy")
+    print("  processes get from this machine; not a goal)")
     all_met = all(r["goal_ratio_met"] and r["goal_abs_met"] is not False for r in rows)
     print(f"  goals met: {'YES' if all_met else 'NO'}")
     print()
     print("Table 2: where the time goes")
     print(detail_table(rows))
-    print("  publish split (timed by wrapping jobs.ingest functions): dedup = find_duplicates (Ray Data groupby),")
-    print("  count = manifest counts on the driver, write = publish (Ray Data sort by bucket + partitioned write,")
-    print("  then rejects), rest = manifest + _SUCCESS + deleting the staging area")
+    print("  list/process/dedup/publish: the manifest's timing_s (dedup = per-bucket duplicate search, publish =")
+    print("  copying each bucket's rows into data/ + rejects/); rest = manifest + _SUCCESS + deleting the staging area")
     print("  job CPU = driver + all Ray processes (GCS, raylet, workers), sampled every 0.2 s; foreign = other")
     print("  processes' share of the machine meanwhile; accepted and stored MB: bare loop / job (the bare loop's")
     print("  Parquet holds all rows, the job's data/ the accepted ones)")

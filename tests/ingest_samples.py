@@ -264,3 +264,16 @@ def reference_resize(path: Path, max_pixels: int) -> Image.Image:
         size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
         rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     return rgb
+
+
+def make_training_folder(
+    root: Path, n: int = 48, seed: int = 1, sizes: tuple = ((192, 128), (128, 192), (160, 160))
+) -> None:
+    """n photo-like JPEGs in a few sizes (so a few buckets, each with many images), labelled by folder."""
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    for i in range(n):
+        label = CLASSES[i % len(CLASSES)]
+        image = _random_crop(photos[label], sizes[i % len(sizes)], rng)
+        (root / label).mkdir(parents=True, exist_ok=True)
+        _save(image, root / label / f"{label}_{i:04d}.jpg", "JPEG")

@@ -78,10 +78,35 @@ class OptimConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for drills and tests of the recovery paths (all off by default)."""
+
+    fail_at_step: int = -1  # rank 1 (or 0 alone) raises once when this many steps are done
+    nan_at_steps: list[int] = field(default_factory=list)  # step indices (0-based) whose loss is made NaN
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300_000
     batch_size: int = 256  # images per optimizer step, all workers together
+    micro_batch_size: int = 0  # images per worker per forward; 0 = batch_size / workers (no accumulation)
     seed: int = 0
+    root: str = "runs"  # the run goes to {root}/train_ae/{key}/ (local path or s3://)
+    ingest: str = ""  # ingest output to train on; "" = the one this config's ingest section produces
+    workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False  # bf16 on GPU; fp32 on CPU (gloo)
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 3
+    loader_workers: int = 2  # DataLoader processes per training worker (decode + augmentation)
+    shuffle_window: int = 16  # Parquet row groups mixed together when shuffling (~256 images each)
+    checkpoint_every: int = 1000  # steps; the last step is always checkpointed
+    keep_checkpoints: int = 3
+    log_every: int = 50  # steps between metric lines (JSONL + Ray Train report)
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    max_bad_steps: int = 3  # consecutive non-finite steps before the last good checkpoint is restored
+    peak_tflops: float = 0.0  # per worker, for MFU; 0 = from the GPU model when known, else no MFU
+    stop_at_step: int = 0  # pause after this step (checkpointed); rerun to continue. 0 = run to the end
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass
@@ -159,6 +184,16 @@ def load_config(source: str | Path = "tiny", overrides: Sequence[str] = ()) -> V
     return cfg  # type: ignore[return-value]
 
 
+def config_from_dict(data: dict[str, Any]) -> VitokConfig:
+    """The inverse of `to_dict`: a plain (e.g. shipped to a Ray worker) config back to a typed, validated one."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(VitokConfig), data)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error("config dict", err) from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     """Merge `key=value` strings into a structured config; type and key errors name the override."""
     for item in overrides:
@@ -222,6 +257,18 @@ def validate(cfg: Any) -> None:
         "optim.grad_clip": non_negative,
         "train.steps": positive,
         "train.batch_size": positive,
+        "train.micro_batch_size": non_negative,
+        "train.workers": positive,
+        "train.cpus_per_worker": non_negative,
+        "train.loader_workers": non_negative,
+        "train.shuffle_window": positive,
+        "train.checkpoint_every": positive,
+        "train.keep_checkpoints": positive,
+        "train.log_every": positive,
+        "train.max_failures": non_negative,
+        "train.max_bad_steps": positive,
+        "train.peak_tflops": non_negative,
+        "train.stop_at_step": non_negative,
     }.items():
         _rule(cfg, key, ok, need)
     _rule(cfg, "model.local_window", lambda v: v is None or v >= 0, "null or >= 0")
@@ -257,6 +304,15 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "ingest.keep_formats", lambda v: set(v) <= {"jpeg", "webp", "png"}, "a subset of [jpeg, webp, png]")
     _rule(cfg, "ingest.files_per_task", lambda v: v >= 1, ">= 1")
     _rule(cfg, "ingest.rows_per_file", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "train.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3")
+    t = cfg.train
+    micro = t.micro_batch_size or t.batch_size // t.workers
+    _rule(
+        cfg,
+        "train.batch_size",
+        lambda v: micro > 0 and v % (micro * t.workers) == 0,
+        f"a multiple of micro_batch_size x workers ({micro} x {t.workers})",
+    )
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
         raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")
 

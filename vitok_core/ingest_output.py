@@ -54,6 +54,11 @@ class IngestOutput:
         partitioning = "hive" if table == "data" else None
         return pads.dataset(path, filesystem=filesystem, format="parquet", partitioning=partitioning)
 
+    def data_files(self) -> tuple[pafs.FileSystem, list[str]]:
+        """Arrow's filesystem and the sorted paths of every data file (all buckets)."""
+        dataset = self._dataset()
+        return dataset.filesystem, sorted(dataset.files)
+
     def iter_batches(
         self, bucket: str, budget: int | None = None, columns: Sequence[str] | None = None, batch_size: int = 256
     ) -> Iterator[pa.RecordBatch]:

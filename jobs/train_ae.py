@@ -1,0 +1,496 @@
+"""Stage train_ae: train the autoencoder on an ingest output with Ray Train + DeepSpeed ZeRO-3.
+
+    python -m jobs.train_ae --config tiny ingest.source=DIR [train.root=runs] [key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m jobs.train_ae --config 5b train.ingest=s3://bucket/runs/ingest/KEY train.root=s3://bucket/runs
+
+The run lives in {train.root}/train_ae/{key}/ (key = hash of everything that decides the weights: model,
+data, loss, optim, the training settings that change results, and the ingest output's key). It is also
+the Ray Train run (RunConfig(name=key, storage_path={root}/train_ae)), so rerunning the same command
+resumes from the latest checkpoint:
+    step-NNNNNNNN/          checkpoints: DeepSpeed ZeRO shards of every rank + rank-RRRRR.pt (step, data
+                            position, RNG states, counters) + config.yaml
+    metrics/step-*.jsonl    one line per logged step (loss terms, lr, grad norm, tokens/s, data wait, MFU)
+    export/                 encoder.safetensors + decoder.safetensors (published layout) + export.json
+    manifest.json, _SUCCESS written by the driver when the run has finished
+
+Every worker runs `train_loop`, top to bottom: build the model (same seed on every rank), wrap it in
+DeepSpeed, restore the latest checkpoint if there is one, then for each step: pick the token budget,
+draw `accumulation` micro-batches of one bucket from this rank's shard, forward, loss, backward, step.
+A step whose loss or gradient norm is not finite is skipped (DeepSpeed drops the update) and counted;
+after `max_bad_steps` in a row the weights and optimizer state of the last checkpoint are restored
+and training continues with the data that follows (the bad stretch is not replayed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from jobs.common import init_ray, parse_config, setup_logging
+from jobs.ingest import output_uri as ingest_output_uri
+from vitok_core import __version__
+from vitok_core.artifacts import is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.checkpoint import save_published
+from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
+from vitok_core.flops import peak_flops, train_flops_per_token
+from vitok_core.ingest_output import IngestOutput
+from vitok_core.loader import Augment, BucketLoader, ShardIndex, describe_buckets, grid_of, valid_tokens
+from vitok_core.losses import ReconstructionLoss
+from vitok_core.model import build_autoencoder, count_parameters, parse_variant
+from vitok_core.optim import parameter_groups
+from vitok_core.schedules import budget_at_step, budget_boundaries, lr_at_step
+
+log = logging.getLogger("vitok.train_ae")
+
+CODE_VERSION = "train_ae-1"
+# Settings that do not change the trained weights, so they stay out of the run key: where things are,
+# how often to log, how many loader processes, how many restarts, where to pause.
+_NOT_IN_KEY = (
+    "root",
+    "ingest",
+    "loader_workers",
+    "log_every",
+    "keep_checkpoints",
+    "max_failures",
+    "peak_tflops",
+    "stop_at_step",
+    "cpus_per_worker",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings, key and layout
+# ------------------------------------------------------------------------------------------------
+def ingest_uri(cfg: VitokConfig) -> str:
+    return cfg.train.ingest or ingest_output_uri(cfg)
+
+
+def train_settings(cfg: VitokConfig, ingest_key: str) -> dict[str, Any]:
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _NOT_IN_KEY}
+    sections = {name: to_dict(getattr(cfg, name)) for name in ("model", "data", "loss", "optim")}
+    return {**sections, "train": train, "ingest_key": ingest_key}
+
+
+def output_uri(cfg: VitokConfig, ingest: IngestOutput) -> str:
+    key = stage_key("train_ae", train_settings(cfg, ingest.manifest["key"]), [ingest.manifest["key"]], CODE_VERSION)
+    root = cfg.train.root if "://" in cfg.train.root else os.path.abspath(cfg.train.root)
+    return join(root, "train_ae", key)
+
+
+def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size // cfg.train.workers
+    return micro, cfg.train.batch_size // (micro * cfg.train.workers)
+
+
+def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
+    """ZeRO config from ours: bf16 on GPU, fp32 on CPU; the optimizer is ours (torch AdamW)."""
+    micro, accumulation = micro_batch_and_accumulation(cfg)
+    return {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": bool(cfg.train.use_gpu)},
+        "zero_optimization": {
+            "stage": cfg.train.zero_stage,
+            "overlap_comm": bool(cfg.train.use_gpu),
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no JIT-compiled FusedAdam
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside a Ray Train worker
+# ------------------------------------------------------------------------------------------------
+def _import_deepspeed() -> Any:
+    # On CPU, DeepSpeed JIT-compiles a shared-memory collective op at start-up (75-90 s); gloo does the
+    # same job. `import deepspeed.comm.torch as m` would bind torch itself (deepspeed.comm re-exports it).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    return deepspeed
+
+
+class _Budgets:
+    """The loaders of each budget, each resumable at the number of batches this rank has taken."""
+
+    def __init__(self, cfg: VitokConfig, ingest: str, rank: int, world: int, position: dict[str, int]) -> None:
+        self.cfg, self.ingest, self.rank, self.world = cfg, ingest, rank, world
+        self.position = {str(b): int(position.get(str(b), 0)) for b in cfg.data.budgets}
+        self.budget: int | None = None
+        self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def next(self, budget: int) -> tuple[dict[str, torch.Tensor], float]:
+        """The next micro-batch at `budget` and the seconds spent waiting for it."""
+        if budget != self.budget:
+            self.close()
+            cfg = self.cfg
+            index = ShardIndex.build(self.ingest, budget, self.rank, self.world)
+            micro, _ = micro_batch_and_accumulation(cfg)
+            loader = BucketLoader(
+                index,
+                micro_batch=micro,
+                seed=cfg.train.seed,
+                patch_size=parse_variant(cfg.model.variant).patch_size,
+                augment=Augment.from_config(cfg.data.augment),
+                window=cfg.train.shuffle_window,
+                workers=cfg.train.loader_workers,
+            )
+            self._iterator = loader.batches(start=self.position[str(budget)])
+            self.budget = budget
+            if self.rank == 0:
+                log.info(
+                    "budget %d tokens: %d images in %s", budget, index.rows, describe_buckets(index.bucket_sizes())
+                )
+        start = time.perf_counter()
+        batch = next(self._iterator)
+        self.position[str(budget)] += 1
+        return batch, time.perf_counter() - start
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _rank_state_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank-{rank:05d}.pt")
+
+
+def _save_checkpoint(engine: Any, cfg: VitokConfig, state: dict, metrics: dict, rank: int) -> None:
+    """Every rank writes its ZeRO shards and its own state; Ray Train merges the ranks' files."""
+    import ray.train
+
+    step = state["step"]
+    directory = tempfile.mkdtemp(prefix=f"vitok-step{step}-")
+    engine.save_checkpoint(directory, tag="zero", client_state={"step": step})
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({**state, "rng": rng}, _rank_state_path(directory, rank))
+    if rank == 0:
+        with open(os.path.join(directory, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg))
+    ray.train.report(
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=f"step-{step:08d}"
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> dict:
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False)
+        state = torch.load(_rank_state_path(directory, rank), weights_only=False)
+    rng = state.pop("rng")
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state
+
+
+def _write_metrics(out: str, lines: list[dict], step: int) -> None:
+    if lines:
+        with fsspec.open(join(out, "metrics", f"step-{step:08d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        lines.clear()
+
+
+def _inject_fault(cfg: VitokConfig, out: str, step: int, rank: int, world: int) -> None:
+    """train.faults.fail_at_step: one rank raises once, as a crashed worker would."""
+    if step != cfg.train.faults.fail_at_step or rank != min(1, world - 1):
+        return
+    marker = join(out, "faults", f"fail_at_step-{step}")
+    fs, path = fsspec.core.url_to_fs(marker)
+    if fs.exists(path):
+        return
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.touch(path)
+    raise RuntimeError(f"injected fault before step {step} on rank {rank} (train.faults.fail_at_step)")
+
+
+def _export(engine: Any, model: torch.nn.Module, out: str, cfg: VitokConfig, step: int, rank: int) -> None:
+    """Gather the full weights parameter by parameter (ZeRO-3 holds shards) and write the published layout."""
+    deepspeed = _import_deepspeed()
+    state = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().float().cpu().clone()
+    if rank == 0:
+        state.update(
+            {name: b.detach().cpu().clone() for name, b in model.named_buffers() if name in model.state_dict()}
+        )
+        metadata = {"variant": cfg.model.variant, "config_hash": config_hash(cfg), "step": step, "run": out}
+        save_published(state, join(out, "export"), metadata=metadata)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (every rank runs this)."""
+    import ray.train
+    import ray.train.torch
+
+    setup_logging()
+    deepspeed = _import_deepspeed()
+    cfg = config_from_dict(config["config"])
+    out, ingest = config["out"], config["ingest"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    total = cfg.train.steps
+    stop = min(total, cfg.train.stop_at_step or total)
+    micro, accumulation = micro_batch_and_accumulation(cfg)
+
+    # Model, optimizer, engine. The same seed everywhere: every rank builds the same initial weights.
+    torch.manual_seed(cfg.train.seed)
+    spec = parse_variant(cfg.model.variant)
+    model = build_autoencoder(
+        spec, layer_scale_init=cfg.model.layer_scale_init, activation_checkpointing=cfg.model.activation_checkpointing
+    )
+    n_params = count_parameters(model)["total"]
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
+    )
+    loss_fn = ReconstructionLoss(cfg.loss, spec.patch_size).to(device)
+    peak, peak_source = peak_flops(
+        torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops
+    )
+
+    state: dict[str, Any] = {"step": 0, "position": {}, "skipped_steps": 0, "restores": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _load_checkpoint(engine, checkpoint, rank)
+        if rank == 0:
+            log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+    last_checkpoint = checkpoint
+    budgets = _Budgets(cfg, ingest, rank, world, state["position"])
+    boundaries = budget_boundaries(total, cfg.data.budget_switch)
+    if rank == 0:
+        log.info(
+            "train_ae %s: %s (%.1fM parameters), %d workers x %d images x %d accumulation = batch %d, "
+            "steps %d..%d of %d, budgets %s switching at steps %s; MFU peak: %s",
+            out, cfg.model.variant, n_params / 1e6, world, micro, accumulation, cfg.train.batch_size,
+            state["step"], stop, total, list(cfg.data.budgets), boundaries, peak_source,
+        )  # fmt: skip
+    lines: list[dict] = []
+    bad_in_a_row = 0
+    previous_budget = budget_at_step(max(0, state["step"] - 1), total, cfg.data.budgets, cfg.data.budget_switch)
+    while state["step"] < stop:
+        step = state["step"]
+        _inject_fault(cfg, out, step, rank, world)
+        budget = budget_at_step(step, total, cfg.data.budgets, cfg.data.budget_switch)
+        if budget != previous_budget and rank == 0:
+            log.warning("budget switch at step %d: %d -> %d tokens", step, previous_budget, budget)
+        previous_budget = budget
+        lr = lr_at_step(step, total, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        engine.train()
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens, wait, finite_step = 0, 0.0, True
+        grids = set()
+        for micro_step in range(accumulation):
+            batch, waited = budgets.next(budget)
+            wait += waited
+            grids.add(grid_of(batch))
+            tokens += valid_tokens(batch)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if cfg.train.use_gpu:
+                batch["patches"] = batch["patches"].to(torch.bfloat16)
+            seed = np.random.default_rng([cfg.train.seed, rank, step, micro_step]).integers(2**62)
+            generator = torch.Generator().manual_seed(int(seed))  # tile origins: a function of the step
+            terms = loss_fn(engine(batch)["patches"].float(), batch, generator)
+            loss = terms["loss"]
+            if step in cfg.train.faults.nan_at_steps:
+                loss = loss * float("nan")
+            finite = _all_reduce([float(torch.isfinite(loss.detach()))], dist.ReduceOp.MIN)[0] > 0
+            if not finite:
+                # Make every gradient non-finite, so DeepSpeed's own check drops this step's update on
+                # every rank and clears the accumulated gradients.
+                finite_step = False
+                loss = loss * torch.tensor(float("nan"), device=loss.device)
+            engine.backward(loss)
+            engine.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not finite_step or not np.isfinite(grad_norm):
+            state["skipped_steps"] += 1
+            bad_in_a_row += 1
+            if rank == 0:
+                log.warning("step %d skipped: loss or gradient norm not finite (%d in a row)", step, bad_in_a_row)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                if last_checkpoint is None:
+                    raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row and no checkpoint to restore")
+                position, step_now, counters = dict(budgets.position), state["step"], dict(state)
+                restored = _load_checkpoint(engine, last_checkpoint, rank)
+                state.update(counters, restores=counters["restores"] + 1, step=step_now, position=position)
+                bad_in_a_row = 0
+                if rank == 0:
+                    log.warning("restored weights and optimizer of step %d after non-finite steps", restored["step"])
+        else:
+            bad_in_a_row = 0
+        elapsed = time.perf_counter() - started
+
+        reduced = _all_reduce([tokens, wait, *sums.values()], dist.ReduceOp.SUM)
+        global_tokens = reduced[0]
+        seq_len = grids.pop()
+        seq_len = seq_len[0] * seq_len[1]
+        state["step"] = step + 1
+        state["position"] = dict(budgets.position)
+        metrics = {
+            "step": step + 1,
+            "budget": budget,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": global_tokens,
+            "tokens_per_s": global_tokens / elapsed,
+            "step_s": elapsed,
+            "data_wait_s": reduced[1] / world,
+            **{name: value / world for name, value in zip(sums, reduced[2:], strict=True)},
+            "skipped_steps": state["skipped_steps"],
+            "restores": state["restores"],
+        }
+        if peak is not None:
+            flops = train_flops_per_token(spec, n_params, seq_len) * global_tokens
+            metrics["mfu"] = flops / elapsed / (peak * world)
+        done = state["step"] == stop
+        if (state["step"] % cfg.train.log_every == 0 or done) and rank == 0:
+            lines.append(metrics)
+            log.info(
+                "step %d/%d budget %d loss %.4f lr %.2e grad %.3f %.0f tok/s wait %.3fs",
+                state["step"], total, budget, metrics["loss"], lr, grad_norm, metrics["tokens_per_s"],
+                metrics["data_wait_s"],
+            )  # fmt: skip
+        if state["step"] % cfg.train.checkpoint_every == 0 or done:
+            if rank == 0:
+                _write_metrics(out, lines, state["step"])
+            _save_checkpoint(engine, cfg, state, metrics, rank)
+            last_checkpoint = ray.train.Checkpoint(join(out, f"step-{state['step']:08d}"))
+        elif state["step"] % cfg.train.log_every == 0:
+            ray.train.report(metrics)
+    budgets.close()
+    if state["step"] == total:
+        _export(engine, engine.module, out, cfg, total, rank)
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------
+def read_metrics(out: str) -> list[dict]:
+    """Every logged step of a run, in order (one line per step; a resumed run has no duplicates)."""
+    fs, path = fsspec.core.url_to_fs(join(out, "metrics"))
+    if not fs.exists(path):
+        return []
+    lines = []
+    for name in sorted(fs.ls(path, detail=False)):
+        with fs.open(name, "r") as f:
+            lines += [json.loads(line) for line in f if line.strip()]
+    return lines
+
+
+def run(cfg: VitokConfig) -> dict[str, Any]:
+    """Train (or resume, or skip when finished); returns the manifest (status 'paused' on stop_at_step)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ingest = IngestOutput(ingest_uri(cfg))  # fails here, before any cluster work, if it is not complete
+    out = output_uri(cfg, ingest)
+    if is_complete(out):
+        log.info("train_ae %s is complete; skipped", out)
+        return read_json(join(out, "manifest.json"))
+    start = time.time()
+    fs, path = fsspec.core.url_to_fs(out)
+    fs.makedirs(path, exist_ok=True)
+    with fsspec.open(join(out, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+    init_ray()
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg), "out": out, "ingest": ingest.uri},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=out.rstrip("/").rsplit("/", 1)[-1],
+            storage_path=out.rstrip("/").rsplit("/", 1)[0],
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    metrics = read_metrics(out)
+    step = metrics[-1]["step"] if metrics else 0
+    manifest = {
+        "stage": "train_ae",
+        "key": out.rstrip("/").rsplit("/", 1)[-1],
+        "output": out,
+        "ingest": ingest.uri,
+        "status": "complete" if step == cfg.train.steps else "paused",
+        "step": step,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final": metrics[-1] if metrics else {},
+        "export": join(out, "export") if step == cfg.train.steps else None,
+        "config_hash": config_hash(cfg),
+        "wall_s_this_run": time.time() - start,
+        "versions": _versions(),
+        "code_version": CODE_VERSION,
+    }
+    if manifest["status"] == "complete":
+        write_json(join(out, "manifest.json"), manifest)
+        mark_success(out)
+    log.info("train_ae %s: %s at step %d of %d", out, manifest["status"], step, cfg.train.steps)
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import ray
+
+    return {
+        "vitok": __version__,
+        "ray": ray.__version__,
+        "deepspeed": deepspeed.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_config(__doc__.splitlines()[0], argv)
+    manifest = run(cfg)
+    print(f"train_ae output: {manifest['output']} ({manifest['status']} at step {manifest['step']})")
+
+
+if __name__ == "__main__":
+    main()
