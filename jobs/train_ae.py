@@ -329,7 +329,7 @@ def train_loop(config: dict[str, Any]) -> None:
             terms = loss_fn(engine(batch)["patches"].float(), batch, generator)
             loss = terms["loss"]
             if step in cfg.train.faults.nan_at_steps:
-                loss = loss * float("nan")
+                loss = terms["loss"] = loss * float("nan")
             finite = _all_reduce([float(torch.isfinite(loss.detach()))], dist.ReduceOp.MIN)[0] > 0
             if not finite:
                 # Make every gradient non-finite, so DeepSpeed's own check drops this step's update on
