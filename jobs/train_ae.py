@@ -111,6 +111,7 @@ def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
             "overlap_comm": bool(cfg.train.use_gpu),
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": False,
+            "stage3_param_persistence_threshold": cfg.train.zero_persistence_threshold,
         },
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no JIT-compiled FusedAdam
         "steps_per_print": 10**9,

@@ -97,6 +97,9 @@ class TrainConfig:
     use_gpu: bool = False  # bf16 on GPU; fp32 on CPU (gloo)
     cpus_per_worker: float = 1.0
     zero_stage: int = 3
+    # ZeRO-3 keeps parameters below this many elements whole on every rank instead of gathering them
+    # for each use: norms, biases and small matrices cost more in collectives than they save in memory.
+    zero_persistence_threshold: int = 1_000_000
     loader_workers: int = 2  # DataLoader processes per training worker (decode + augmentation)
     shuffle_window: int = 16  # Parquet row groups mixed together when shuffling (~256 images each)
     checkpoint_every: int = 1000  # steps; the last step is always checkpointed
@@ -269,6 +272,7 @@ def validate(cfg: Any) -> None:
         "train.max_bad_steps": positive,
         "train.peak_tflops": non_negative,
         "train.stop_at_step": non_negative,
+        "train.zero_persistence_threshold": non_negative,
     }.items():
         _rule(cfg, key, ok, need)
     _rule(cfg, "model.local_window", lambda v: v is None or v >= 0, "null or >= 0")

@@ -1,0 +1,220 @@
+"""CPU benchmark of the train_ae stage: the Ray Train + DeepSpeed ZeRO-3 job (2 workers) against a bare
+single-process PyTorch loop on the same model, data and global batch.
+
+    .venv/bin/python benchmarks/bench_train_ae.py                 # tiny preset, 30 steps each, ~3 minutes
+    .venv/bin/python benchmarks/bench_train_ae.py --steps 15 --variant Sd2-Sd4/1x16x16
+
+Data: the first --images JPEGs of bench_ingest.py's web-crawl mix (random crops of the photos in the
+scikit-image wheel, long side 256-1024; generated and cached under .data/bench_ingest/ if missing),
+ingested once with jobs.ingest into .data/bench_train_ae/ (cached by the ingest key).
+
+Both sides train the same variant from the same seed at one token budget (--budget, default 256) with a
+global batch of --batch images: the same ReconstructionLoss (Charbonnier + SSIM; DINO off as in the tiny
+preset), torch AdamW with the same parameter groups, lr schedule and gradient clipping, and batches from
+vitok_core.loader.BucketLoader decoded in the training process (loader_workers=0 on both sides).
+  bare  one process, torch using every core (torch.set_num_threads(cores)), world size 1.
+  job   jobs.train_ae.run on a local Ray with 2 CPUs: 2 Ray Train workers (1 CPU each, so Ray gives each
+        one torch thread), DeepSpeed ZeRO-3 over gloo, micro-batch = batch / 2, no accumulation.
+tokens/s = valid tokens of a step / its wall time (the job: all ranks' tokens / rank 0's step time, as
+logged in its metrics JSONL), median over the steps after --warmup. Start-up is reported apart: for the
+job, the wall time of run() minus the sum of its step times (Ray Train worker group, DeepSpeed
+initialize, checkpoint at the end, export); for the bare loop, model + optimizer + loader set-up.
+Goal: job tokens/s >= 0.85 x bare tokens/s. Results also go to benchmarks/results/bench_train_ae.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+from common import cpu_model, format_table
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / ".data" / "bench_train_ae"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_train_ae.json"
+RAY_CPUS = 2
+
+
+def overrides(args: argparse.Namespace, source: Path, root: Path) -> list[str]:
+    return [
+        f"ingest.source={source}",
+        f"ingest.root={DATA / 'ingest'}",
+        f"train.root={root}",
+        f"data.budgets=[{args.budget}]",
+        "data.budget_switch=[]",
+        f"train.steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        f"train.micro_batch_size={args.batch // 2}",
+        "train.workers=2",
+        "train.loader_workers=0",
+        "train.log_every=1",
+        f"train.checkpoint_every={args.steps}",
+        "optim.warmup_steps=5",
+        *([f"model.variant={args.variant}"] if args.variant else []),
+    ]
+
+
+def prepare_source(n: int) -> Path:
+    """The first n images of bench_ingest's web mix, linked into a folder of their own."""
+    import bench_ingest
+
+    names = bench_ingest.photo_names()
+    info = bench_ingest.prepare_images(bench_ingest.MIXES[0], n, names, workers=2)
+    folder = DATA / f"source-{n}"
+    if not folder.is_dir() or len(list(folder.iterdir())) != n:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for i, path in enumerate(info["paths"][:n]):
+            os.symlink(path, folder / f"{i:06d}.jpg")
+    return folder
+
+
+def bare_loop(cfg: Any, ingest_uri: str, steps: int, cores: int) -> dict[str, Any]:
+    """The same training step in one process: no Ray, no DeepSpeed, no collectives."""
+    from vitok_core.loader import Augment, BucketLoader, ShardIndex, valid_tokens
+    from vitok_core.losses import ReconstructionLoss
+    from vitok_core.model import build_autoencoder, parse_variant
+    from vitok_core.optim import parameter_groups
+    from vitok_core.schedules import lr_at_step
+
+    torch.set_num_threads(cores)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    spec = parse_variant(cfg.model.variant)
+    model = build_autoencoder(spec, layer_scale_init=cfg.model.layer_scale_init)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+    )
+    loss_fn = ReconstructionLoss(cfg.loss, spec.patch_size)
+    budget = cfg.data.budgets[0]
+    index = ShardIndex.build(ingest_uri, budget, 0, 1)
+    loader = BucketLoader(
+        index,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        spec.patch_size,
+        Augment.from_config(cfg.data.augment),
+        window=cfg.train.shuffle_window,
+        workers=0,
+    )
+    batches = loader.batches()
+    setup = time.perf_counter() - start
+    records = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_step(step, steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
+        generator = torch.Generator().manual_seed(step)
+        loss = loss_fn(model(batch)["patches"], batch, generator)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        elapsed = time.perf_counter() - t0
+        records.append({"step": step + 1, "tokens": valid_tokens(batch), "step_s": elapsed, "loss": loss.item()})
+    return {"setup_s": setup, "steps": records}
+
+
+def median_rate(records: list[dict], warmup: int) -> float:
+    return statistics.median(r["tokens"] / r["step_s"] for r in records[warmup:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    parser.add_argument("--batch", type=int, default=16, help="global batch (images)")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--variant", default="", help="model variant (default: the tiny preset's)")
+    parser.add_argument(
+        "--persistence",
+        type=lambda text: [int(float(x)) for x in text.split(",")],
+        default=[1_000_000, 0],
+        help="train.zero_persistence_threshold values to run the job with (the first is the default's)",
+    )
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from jobs.ingest import run as run_ingest
+    from jobs.train_ae import read_metrics
+    from jobs.train_ae import run as run_train
+    from vitok_core.config import load_config
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    print(f"ViTok-v2 train_ae benchmark  {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+    print(f"cpu: {cpu_model()}  cores: {cores}  torch {torch.__version__}")
+    source = prepare_source(args.images)
+    runs = DATA / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    cfg = load_config("tiny", overrides(args, source, runs))
+    import ray
+
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+    ingest = run_ingest(cfg)
+    print(f"data: {ingest['counts']['accepted']} images at {ingest['output']}")
+    print(f"model {cfg.model.variant}, budget {args.budget} tokens, global batch {args.batch}, {args.steps} steps")
+
+    bare = bare_loop(cfg, ingest["output"], args.steps, cores)
+    bare_rate = median_rate(bare["steps"], args.warmup)
+    print(f"  bare: {bare_rate:.0f} tokens/s (median), set-up {bare['setup_s']:.1f} s", flush=True)
+
+    jobs = []
+    for threshold in args.persistence:
+        job_cfg = load_config("tiny", [*overrides(args, source, runs), f"train.zero_persistence_threshold={threshold}"])
+        started = time.perf_counter()
+        manifest = run_train(job_cfg)
+        wall = time.perf_counter() - started
+        metrics = read_metrics(manifest["output"])
+        rate = median_rate(metrics, args.warmup)
+        startup = wall - sum(m["step_s"] for m in metrics)
+        wait = statistics.median(m["data_wait_s"] for m in metrics[args.warmup :])
+        jobs.append(
+            {"threshold": threshold, "tokens_per_s": rate, "wall_s": wall, "startup_s": startup, "wait_s": wait}
+            | {"ratio": rate / bare_rate, "metrics": metrics}
+        )
+        print(f"  job (persistence {threshold:,}): {rate:.0f} tokens/s (median), run() {wall:.1f} s", flush=True)
+        shutil.rmtree(runs, ignore_errors=True)
+    ray.shutdown()
+
+    rows = [[f"bare loop (1 process, {cores} threads)", f"{bare_rate:.0f}", "1.00", f"{bare['setup_s']:.1f}", "-"]]
+    for job in jobs:
+        rows.append(
+            [
+                f"Ray Train + ZeRO-3, 2 workers, persistence {job['threshold']:,}",
+                f"{job['tokens_per_s']:.0f}",
+                f"{job['ratio']:.2f}",
+                f"{job['startup_s']:.1f}",
+                f"{job['wait_s'] * 1000:.0f} ms",
+            ]
+        )
+    print()
+    print(format_table(["", "tokens/s", "ratio", "start-up s", "data wait/step"], rows))
+    print("  persistence = train.zero_persistence_threshold (elements): smaller parameters stay whole on every rank;")
+    print("  0 = every parameter is partitioned and gathered for each use. Start-up = run() wall - sum of step times")
+    print("  (worker group, DeepSpeed initialize, final checkpoint, export). data wait = decode + augment, inline.")
+    print(f"  goal >= 0.85x (default persistence): {'yes' if jobs[0]['ratio'] >= 0.85 else 'NO'}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {"args": vars(args), "variant": cfg.model.variant, "bare": bare, "bare_tokens_per_s": bare_rate}
+            | {"jobs": jobs},
+            indent=1,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
