@@ -33,6 +33,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_train_ae.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -83,3 +83,29 @@ def load_published(model: nn.Module, directory: str, parts: Iterable[str] = ("en
     with torch.no_grad():
         result = model.load_state_dict(loaded, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
+
+
+def read_export_info(directory: str) -> dict[str, object]:
+    """export.json of a published directory (variant, config hash, step)."""
+    with fsspec.open(f"{directory.rstrip('/')}/export.json", "r") as f:
+        return json.load(f)
+
+
+def load_part_model(directory: str, part: str, variant: str | None = None, device: str = "cpu") -> nn.Module:
+    """An Autoencoder whose `part` ("encoder" or "decoder") holds the published weights and whose other part
+    stays on the meta device (no memory): what a latent cache or a sampler needs from a 5B model."""
+    from vitok_core.model.autoencoder import build_autoencoder
+
+    variant = variant or str(read_export_info(directory)["variant"])
+    with torch.device("meta"):
+        model = build_autoencoder(variant)
+    tensors = read_part(directory, part)
+    expected = {k for k in model.state_dict() if k.startswith(PARTS[part])}
+    if expected != set(tensors):
+        missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+        raise KeyError(
+            f"{directory}/{part}.safetensors does not match {variant}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
+    return model.eval()

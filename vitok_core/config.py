@@ -134,6 +134,23 @@ class IngestConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Stage cache_latents: encode an ingest output once with a trained encoder."""
+
+    root: str = "runs"  # the cache goes to {root}/cache_latents/{key}/
+    ingest: str = ""  # ingest output to encode; "" = the one this config's ingest section produces
+    encoder: str = ""  # published-layout directory; "" = this config's train_ae export
+    budget: int = 256  # token budget of the NaFlex resize (deterministic: no augmentation)
+    flip: bool = False  # also cache the horizontal flip of every image (a second row)
+    dtype: str = "bf16"  # bf16 | fp16: storage type of the latents
+    batch_size: int = 32  # images per encoder call
+    actors: int = 2  # encoder actors (one GPU each when use_gpu)
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    fail_at_file: int = -1  # fault injection: the actor raises once on this ingest file index
+
+
+@dataclass
 class VitokConfig:
     name: str = "350m"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +159,7 @@ class VitokConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +327,11 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "ingest.files_per_task", lambda v: v >= 1, ">= 1")
     _rule(cfg, "ingest.rows_per_file", lambda v: v >= 1, ">= 1")
     _rule(cfg, "train.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3")
+    _rule(cfg, "cache.budget", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "cache.dtype", lambda v: v in ("bf16", "fp16"), "'bf16' or 'fp16'")
+    _rule(cfg, "cache.batch_size", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "cache.actors", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "cache.cpus_per_actor", lambda v: v >= 0, ">= 0")
     t = cfg.train
     micro = t.micro_batch_size or t.batch_size // t.workers
     _rule(

@@ -53,6 +53,7 @@ class ShardIndex:
 
     filesystem: pafs.FileSystem
     files: list[str]  # data files, on `filesystem`
+    column: str  # the bucket column the index groups rows by
     units: np.ndarray  # [U, 2] int: (file index, row group) of this rank's units
     unit_start: np.ndarray  # [U + 1] int: rows of unit u are unit_start[u]:unit_start[u + 1]
     bucket_codes: np.ndarray  # [R] int: each row's bucket, an index into `buckets`
@@ -63,32 +64,40 @@ class ShardIndex:
 
     @classmethod
     def build(cls, uri: str, budget: int, rank: int = 0, world: int = 1) -> ShardIndex:
-        """Read the footers of every data file and the bucket column of this rank's row groups."""
+        """This rank's rows of a completed ingest output, by bucket at `budget`."""
         from vitok_core.ingest_output import IngestOutput  # the reader checks _SUCCESS and the budgets
 
         output = IngestOutput(uri)
         if budget not in output.budgets:
             raise KeyError(f"budget {budget} was not ingested in {uri}; budgets: {output.budgets}")
         filesystem, files = output.data_files()
+        return cls.from_files(filesystem, files, f"bucket_{budget}", budget, rank, world)
+
+    @classmethod
+    def from_files(
+        cls, filesystem: pafs.FileSystem, files: list[str], column: str, budget: int, rank: int, world: int
+    ) -> ShardIndex:
+        """Read the footers of every file and the bucket column of this rank's row groups."""
         all_units = []
         for f, path in enumerate(files):
             meta = pq.ParquetFile(path, filesystem=filesystem).metadata
             all_units += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         mine = all_units[rank::world]
         if not mine:
-            raise ValueError(f"{uri} has {len(all_units)} row groups, fewer than the {world} ranks")
+            raise ValueError(f"{len(all_units)} row groups in {len(files)} files, fewer than the {world} ranks")
         names: dict[str, int] = {}
         codes, starts = [], [0]
         opened: dict[int, pq.ParquetFile] = {}
         for f, g, rows in mine:
             parquet = opened.setdefault(f, pq.ParquetFile(files[f], filesystem=filesystem))
-            column = parquet.read_row_group(g, columns=[f"bucket_{budget}"]).column(0).to_pylist()
-            assert len(column) == rows, (files[f], g)
-            codes += [names.setdefault(b, len(names)) for b in column]
+            values = parquet.read_row_group(g, columns=[column]).column(0).to_pylist()
+            assert len(values) == rows, (files[f], g)
+            codes += [names.setdefault(b, len(names)) for b in values]
             starts.append(starts[-1] + rows)
         return cls(
             filesystem=filesystem,
             files=files,
+            column=column,
             units=np.array([(f, g) for f, g, _ in mine], dtype=np.int64).reshape(-1, 2),
             unit_start=np.array(starts, dtype=np.int64),
             bucket_codes=np.array(codes, dtype=np.int64),
@@ -153,12 +162,14 @@ class Augment:
         )
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Item (batch number, row numbers) -> one collated NaFlex batch. Runs in DataLoader processes."""
+class _RowGroups(torch.utils.data.Dataset):
+    """Item (batch number, row numbers) -> one batch, reading row groups through a small LRU cache.
+    Runs in DataLoader processes; subclasses say which columns they need and how rows become a batch."""
 
-    def __init__(self, index: ShardIndex, patch_size: int, seed: int, augment: Augment, cache: int) -> None:
-        self.index, self.patch_size, self.seed, self.augment = index, patch_size, seed, augment
-        self.cache_size = cache
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, index: ShardIndex, cache: int) -> None:
+        self.index, self.cache_size = index, cache
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
 
     def __len__(self) -> int:  # items come from the sampler; the length is not used
@@ -170,11 +181,27 @@ class _Batches(torch.utils.data.Dataset):
             return self._cache[unit]
         f, g = self.index.units[unit]
         parquet = pq.ParquetFile(self.index.files[f], filesystem=self.index.filesystem)
-        table = parquet.read_row_group(int(g), columns=["bytes", "width", "height", f"bucket_{self.index.budget}"])
+        table = parquet.read_row_group(int(g), columns=[*self.columns, self.index.column])
         self._cache[unit] = table
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return table
+
+    def rows(self, rows: np.ndarray) -> Iterator[tuple[pa.Table, int]]:
+        """(row group table, row within it) for each row number, in order."""
+        units = np.searchsorted(self.index.unit_start, rows, side="right") - 1
+        for row, unit in zip(rows.tolist(), units.tolist(), strict=True):
+            yield self._unit(unit), row - int(self.index.unit_start[unit])
+
+
+class _Batches(_RowGroups):
+    """Images: decode, augment, budget resize, patchify, collate."""
+
+    columns = ("bytes",)
+
+    def __init__(self, index: ShardIndex, patch_size: int, seed: int, augment: Augment, cache: int) -> None:
+        super().__init__(index, cache)
+        self.patch_size, self.seed, self.augment = patch_size, seed, augment
 
     def __getitem__(self, item: tuple[int, np.ndarray]) -> PatchDict:
         number, rows = item
@@ -184,12 +211,9 @@ class _Batches(torch.utils.data.Dataset):
         )
         aug = self.augment
         rrc = float(torch.rand((), generator=generator)) < aug.rrc_prob
-        units = np.searchsorted(index.unit_start, rows, side="right") - 1
         samples, buckets = [], set()
-        for row, unit in zip(rows.tolist(), units.tolist(), strict=True):
-            table = self._unit(unit)
-            i = row - int(index.unit_start[unit])
-            buckets.add(table.column(3)[i].as_py())
+        for table, i in self.rows(rows):
+            buckets.add(table.column(1)[i].as_py())
             image = to_tensor(decode_image(table.column(0)[i].as_py()))
             image = random_augment(
                 image,
@@ -239,9 +263,12 @@ class BucketLoader:
     def plan(self) -> Iterator[np.ndarray]:
         return batch_plan(self.index, self.micro_batch, self.seed, self.window)
 
+    def dataset(self) -> _RowGroups:
+        return _Batches(self.index, self.patch_size, self.seed, self.augment, cache=self.window)
+
     def batches(self, start: int = 0) -> Iterator[PatchDict]:
         """Batches number `start`, `start + 1`, ... (forever). Each carries its `number`."""
-        dataset = _Batches(self.index, self.patch_size, self.seed, self.augment, cache=self.window)
+        dataset = self.dataset()
         loader = torch.utils.data.DataLoader(
             dataset,
             sampler=_PlanSampler(self.plan(), start),

@@ -1,0 +1,315 @@
+"""Stage cache_latents: encode an ingest output once with a trained encoder, with Ray Data batch inference.
+
+    python -m jobs.cache_latents --config tiny ingest.source=DIR [cache.encoder=EXPORT_DIR] [key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.cache_latents --config 5b \\
+        cache.ingest=s3://bucket/runs/ingest/KEY cache.encoder=s3://bucket/runs/train_ae/KEY/export \\
+        cache.root=s3://bucket/runs cache.use_gpu=true cache.actors=8
+
+Output under {cache.root}/cache_latents/{key}/ (key = cache settings + the encoder's variant and weights
+hash + the ingest key + code version):
+    data/part-NNNNN.parquet   one row per image (and per flipped copy): id, source, label, flip, bucket
+                              ("RxC" token grid), rows, cols, channels, dtype, latent (raw [rows*cols,
+                              channels] bf16/fp16 bytes in raster order); file N encodes ingest file N
+    stats.json                per-channel mean / std over every cached token (exact, float64), the
+                              sorted class labels, counts
+    manifest.json, _SUCCESS   written last
+
+How it runs: the ingest's data files are the tasks. A pool of encoder actors (Ray Data map_batches with
+an ActorPoolStrategy; one GPU per actor when cache.use_gpu) takes one file at a time: it decodes the
+images, resizes them deterministically to the budget (no augmentation), encodes them in batches of one
+grid, and writes its output file whole (temporary name, then rename) plus a small stats file; the stats
+file marks the task done. A rerun skips done files, so a killed run loses only the files in flight and
+never writes a row twice. The driver merges the per-file (count, mean, M2) with Chan's formula.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from jobs.common import init_ray, parse_config, setup_logging
+from vitok_core import __version__
+from vitok_core.artifacts import is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.checkpoint import load_part_model, read_export_info
+from vitok_core.config import VitokConfig, to_dict
+from vitok_core.images import decode_image, to_tensor
+from vitok_core.ingest_output import IngestOutput
+from vitok_core.latents import ChannelStats, from_bytes, to_bytes
+from vitok_core.naflex import collate, preprocess
+
+log = logging.getLogger("vitok.cache_latents")
+
+CODE_VERSION = "cache_latents-1"
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("label", pa.string()),
+        ("flip", pa.bool_()),
+        ("bucket", pa.string()),
+        ("rows", pa.int16()),
+        ("cols", pa.int16()),
+        ("channels", pa.int16()),
+        ("dtype", pa.string()),
+        ("latent", pa.binary()),
+    ]
+)
+ROWS_PER_GROUP = 1024  # a 256-token f16x64 latent in bf16 is 32 KB: ~32 MB per row group
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings, key and layout
+# ------------------------------------------------------------------------------------------------
+def encoder_uri(cfg: VitokConfig, ingest: IngestOutput) -> str:
+    if cfg.cache.encoder:
+        return cfg.cache.encoder
+    from jobs.train_ae import output_uri as train_output_uri
+
+    return join(train_output_uri(cfg, ingest), "export")
+
+
+def weights_hash(directory: str) -> str:
+    """SHA-256 of encoder.safetensors: the cache belongs to exactly these weights."""
+    digest = hashlib.sha256()
+    with fsspec.open(join(directory, "encoder.safetensors"), "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_settings(cfg: VitokConfig, encoder: str) -> dict[str, Any]:
+    keep = ("budget", "flip", "dtype")
+    info = read_export_info(encoder)
+    settings = {k: v for k, v in to_dict(cfg.cache).items() if k in keep}
+    return {**settings, "variant": info["variant"], "encoder_sha256": weights_hash(encoder)}
+
+
+def output_uri(cfg: VitokConfig, ingest: IngestOutput, settings: dict[str, Any]) -> str:
+    key = stage_key("cache_latents", settings, [ingest.manifest["key"]], CODE_VERSION)
+    root = cfg.cache.root if "://" in cfg.cache.root else os.path.abspath(cfg.cache.root)
+    return join(root, "cache_latents", key)
+
+
+def part_file(out: str, index: int) -> str:
+    return join(out, "data", f"part-{index:05d}.parquet")
+
+
+def stats_file(out: str, index: int) -> str:
+    return join(out, "_staging", "stats", f"part-{index:05d}.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder actor
+# ------------------------------------------------------------------------------------------------
+class EncodeFiles:
+    """Ray Data actor: holds one encoder, turns one ingest file into one latent file per call."""
+
+    def __init__(self, encoder: str, settings: dict[str, Any], out: str, batch_size: int, fail_at: int) -> None:
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_part_model(encoder, "encoder", settings["variant"], self.device)
+        self.spec = self.model.spec
+        self.settings, self.out, self.batch_size, self.fail_at = settings, out, batch_size, fail_at
+
+    def _maybe_fail(self, index: int) -> None:
+        if index != self.fail_at:
+            return
+        fs, path = fsspec.core.url_to_fs(join(self.out, "_staging", "faults", f"fail_at_file-{index}"))
+        if not fs.exists(path):
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+            fs.touch(path)
+            raise RuntimeError(f"injected fault on ingest file {index} (cache.fail_at_file)")
+
+    @torch.no_grad()
+    def encode(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Images -> ([N, C] latent, (rows, cols) grid) each; images of one grid are encoded together."""
+        samples = [preprocess(img, self.spec.patch_size, self.settings["budget"]) for img in images]
+        by_grid: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, sample in enumerate(samples):
+            by_grid[tuple(sample["grid"].tolist())].append(i)
+        out: list[Any] = [None] * len(samples)
+        for grid, members in by_grid.items():
+            batch = {k: v.to(self.device) for k, v in collate([samples[i] for i in members]).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                z = self.model.encode(batch)["z"]
+            for j, i in enumerate(members):
+                out[i] = (z[j].float().cpu(), grid)
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        index, path = int(batch["index"][0]), str(batch["path"][0])
+        self._maybe_fail(index)
+        with fsspec.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["id", "source", "label", "bytes"])
+        dtype, stats, records = self.settings["dtype"], ChannelStats(self.spec.channels), []
+        for start in range(0, table.num_rows, self.batch_size):
+            chunk = table.slice(start, self.batch_size).to_pylist()
+            images = [to_tensor(decode_image(row["bytes"])) for row in chunk]
+            copies = [(row, img, False) for row, img in zip(chunk, images, strict=True)]
+            if self.settings["flip"]:
+                copies += [(row, img.flip(-1), True) for row, img in zip(chunk, images, strict=True)]
+            latents = self.encode([img for _, img, _ in copies])
+            for (row, _, flipped), (z, (rows, cols)) in zip(copies, latents, strict=True):
+                data = to_bytes(z, dtype)
+                stats.update(from_bytes(data, rows * cols, self.spec.channels, dtype).numpy())  # as stored
+                records.append(
+                    {
+                        "id": row["id"],
+                        "source": row["source"],
+                        "label": row["label"],
+                        "flip": flipped,
+                        "bucket": f"{rows}x{cols}",
+                        "rows": rows,
+                        "cols": cols,
+                        "channels": self.spec.channels,
+                        "dtype": dtype,
+                        "latent": data,
+                    }
+                )
+        labels = sorted({r["label"] for r in records})
+        _write_atomically(part_file(self.out, index), pa.Table.from_pylist(records, schema=SCHEMA))
+        summary = {"index": index, "rows": len(records), "stats": stats.to_json(), "labels": labels}
+        with fsspec.open(stats_file(self.out, index), "w") as f:  # the task's completion marker
+            json.dump(summary, f)
+        return {"summary": [json.dumps(summary)]}
+
+
+def _write_atomically(uri: str, table: pa.Table) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROWS_PER_GROUP, compression={"latent": "NONE", "id": "SNAPPY"})
+    fs.mv(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+def done_files(out: str) -> dict[int, dict[str, Any]]:
+    fs, path = fsspec.core.url_to_fs(join(out, "_staging", "stats"))
+    if not fs.exists(path):
+        return {}
+    done = {}
+    for name in fs.ls(path, detail=False):
+        if name.endswith(".json"):
+            with fs.open(name, "r") as f:
+                summary = json.load(f)
+            done[summary["index"]] = summary
+    return done
+
+
+def run(cfg: VitokConfig) -> dict[str, Any]:
+    """Cache latents (or skip when complete); returns the manifest."""
+    from ray.data import ActorPoolStrategy
+
+    ingest = IngestOutput(cfg.cache.ingest or _ingest_uri(cfg))  # before any cluster work
+    encoder = encoder_uri(cfg, ingest)
+    settings = cache_settings(cfg, encoder)
+    out = output_uri(cfg, ingest, settings)
+    if is_complete(out):
+        log.info("cache_latents %s is complete; skipped", out)
+        return read_json(join(out, "manifest.json"))
+    start = time.time()
+    filesystem, files = ingest.data_files()
+    uris = [_uri_of(ingest, filesystem, path) for path in files]
+    done = done_files(out)
+    todo = [{"index": i, "path": uri} for i, uri in enumerate(uris) if i not in done]
+    log.info("cache_latents %s: %d ingest files (%d already done), encoder %s", out, len(uris), len(done), encoder)
+
+    init_ray()
+    import ray
+
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see jobs/ingest.py
+    summaries = dict(done)
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            EncodeFiles,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=min(cfg.cache.actors, len(todo))),
+            fn_constructor_kwargs={
+                "encoder": encoder,
+                "settings": settings,
+                "out": out,
+                "batch_size": cfg.cache.batch_size,
+                "fail_at": cfg.cache.fail_at_file,
+            },
+            num_gpus=1 if cfg.cache.use_gpu else 0,
+            num_cpus=cfg.cache.cpus_per_actor,
+        )
+        with tqdm(total=len(uris), initial=len(done), unit="file", desc="cache_latents") as bar:
+            for row in ds.iter_rows():
+                summary = json.loads(row["summary"])
+                summaries[summary["index"]] = summary
+                bar.update(1)
+    stats = ChannelStats(int(next(iter(summaries.values()))["stats"]["channels"]))
+    labels: set[str] = set()
+    for index in sorted(summaries):
+        stats.merge(ChannelStats.from_json(summaries[index]["stats"]))
+        labels.update(summaries[index]["labels"])
+    rows = sum(s["rows"] for s in summaries.values())
+    expected = ingest.counts["accepted"] * (2 if cfg.cache.flip else 1)
+    if rows != expected:
+        raise RuntimeError(f"cache_latents wrote {rows} rows, expected {expected} from the ingest output")
+    stats_json = {
+        "mean": stats.mean.tolist(),
+        "std": stats.std.tolist(),
+        "tokens": stats.count // stats.channels,
+        "rows": rows,
+        "channels": stats.channels,
+        "classes": sorted(labels),
+        "definition": "population mean/std per channel over every stored (rounded) latent token, float64",
+    }
+    write_json(join(out, "stats.json"), stats_json)
+    manifest = {
+        "stage": "cache_latents",
+        "key": out.rstrip("/").rsplit("/", 1)[-1],
+        "output": out,
+        "ingest": ingest.uri,
+        "encoder": encoder,
+        "settings": settings,
+        "rows": rows,
+        "files": len(uris),
+        "classes": len(labels),
+        "wall_s": time.time() - start,
+        "versions": {"vitok": __version__, "ray": ray.__version__, "torch": torch.__version__},
+        "code_version": CODE_VERSION,
+    }
+    write_json(join(out, "manifest.json"), manifest)
+    mark_success(out)
+    log.info("cache_latents done: %d rows from %d files, %d classes", rows, len(uris), len(labels))
+    return manifest
+
+
+def _ingest_uri(cfg: VitokConfig) -> str:
+    from jobs.ingest import output_uri as ingest_output_uri
+
+    return ingest_output_uri(cfg)
+
+
+def _uri_of(ingest: IngestOutput, filesystem: Any, path: str) -> str:
+    """A data file's URI for fsspec, from Arrow's path on its filesystem."""
+    return f"s3://{path}" if ingest.uri.startswith("s3://") else path
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_config(__doc__.splitlines()[0], argv)
+    manifest = run(cfg)
+    print(f"cache_latents output: {manifest['output']} ({manifest['rows']} rows)")
+
+
+if __name__ == "__main__":
+    main()
