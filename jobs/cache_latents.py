@@ -266,7 +266,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     stats_json = {
         "mean": stats.mean.tolist(),
         "std": stats.std.tolist(),
-        "tokens": stats.count // stats.channels,
+        "tokens": stats.count,
         "rows": rows,
         "channels": stats.channels,
         "classes": sorted(labels),

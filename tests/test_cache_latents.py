@@ -31,6 +31,7 @@ def setup(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     make_training_folder(root / "photos", n=24)
     base = [f"ingest.source={root / 'photos'}", f"ingest.root={root / 'runs'}", "ingest.files_per_task=8"]
+    base.append("ingest.label_from=folder")
     ingest = run_ingest(load_config("tiny", base))
     torch.manual_seed(3)
     model = build_autoencoder(VARIANT)
@@ -75,7 +76,11 @@ def test_cache_counts_latents_and_stats(setup, cached):
     assert is_complete(cached["output"]) and cached["rows"] == 2 * ingest["counts"]["accepted"] == 48
     rows = read_cache(cached["output"])
     assert len(rows) == 48 and len({(r["id"], r["flip"]) for r in rows}) == 48
-    ids = {r["id"] for b in IngestOutput(ingest["output"]).buckets() for r in IngestOutput(ingest["output"]).iter_rows(b, columns=["id"])}
+    ids = {
+        r["id"]
+        for b in IngestOutput(ingest["output"]).buckets()
+        for r in IngestOutput(ingest["output"]).iter_rows(b, columns=["id"])
+    }
     assert {r["id"] for r in rows} == ids
 
     # A stored latent equals a direct encode of the same image (up to the bf16 rounding of the cache).
@@ -116,4 +121,7 @@ def test_crashed_run_reruns_without_duplicates(setup, cached, tmp_path):
     key = lambda r: (r["id"], r["flip"])  # noqa: E731
     assert len(rows) == len({key(r) for r in rows}) == 48
     assert sorted(map(key, rows)) == sorted(map(key, want))
-    assert read_json(join(rerun["output"], "stats.json"))["tokens"] == read_json(join(cached["output"], "stats.json"))["tokens"]
+    assert (
+        read_json(join(rerun["output"], "stats.json"))["tokens"]
+        == read_json(join(cached["output"], "stats.json"))["tokens"]
+    )
