@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import format_table
 
-from jobs.train_ae import _import_deepspeed, deepspeed_config
+from jobs.train_ae import deepspeed_config
+from jobs.train_common import import_deepspeed
 from vitok_core.config import load_config
 from vitok_core.flops import peak_flops, train_flops_per_token
 from vitok_core.losses import ReconstructionLoss
@@ -69,7 +70,7 @@ def synthetic_batch(side: int, patch: int, batch: int, device: torch.device, dty
 
 
 def measure(preset: str, budget: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     on_gpu = device.type == "cuda"
     overrides = [
         f"train.batch_size={batch}",

@@ -24,13 +24,8 @@ and training continues with the data that follows (the bad stretch is not replay
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import os
-import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +38,17 @@ from omegaconf import OmegaConf
 
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.ingest import output_uri as ingest_output_uri
+from jobs.train_common import (
+    all_reduce,
+    checkpoint_name,
+    fit,
+    import_deepspeed,
+    inject_fault,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    write_metrics,
+)
 from vitok_core import __version__
 from vitok_core.artifacts import is_complete, join, mark_success, read_json, stage_key, write_json
 from vitok_core.checkpoint import save_published
@@ -122,15 +128,6 @@ def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Inside a Ray Train worker
 # ------------------------------------------------------------------------------------------------
-def _import_deepspeed() -> Any:
-    # On CPU, DeepSpeed JIT-compiles a shared-memory collective op at start-up (75-90 s); gloo does the
-    # same job. `import deepspeed.comm.torch as m` would bind torch itself (deepspeed.comm re-exports it).
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    import deepspeed
-
-    return deepspeed
-
-
 class _Budgets:
     """The loaders of each budget, each resumable at the number of batches this rank has taken."""
 
@@ -173,68 +170,9 @@ class _Budgets:
             self._iterator = None
 
 
-def _all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
-def _rank_state_path(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"rank-{rank:05d}.pt")
-
-
-def _save_checkpoint(engine: Any, cfg: VitokConfig, state: dict, metrics: dict, rank: int) -> None:
-    """Every rank writes its ZeRO shards and its own state; Ray Train merges the ranks' files."""
-    import ray.train
-
-    step = state["step"]
-    directory = tempfile.mkdtemp(prefix=f"vitok-step{step}-")
-    engine.save_checkpoint(directory, tag="zero", client_state={"step": step})
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save({**state, "rng": rng}, _rank_state_path(directory, rank))
-    if rank == 0:
-        with open(os.path.join(directory, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg))
-    ray.train.report(
-        metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=f"step-{step:08d}"
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def _load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> dict:
-    with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False)
-        state = torch.load(_rank_state_path(directory, rank), weights_only=False)
-    rng = state.pop("rng")
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    return state
-
-
-def _write_metrics(out: str, lines: list[dict], step: int) -> None:
-    if lines:
-        with fsspec.open(join(out, "metrics", f"step-{step:08d}.jsonl"), "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
-        lines.clear()
-
-
-def _inject_fault(cfg: VitokConfig, out: str, step: int, rank: int, world: int) -> None:
-    """train.faults.fail_at_step: one rank raises once, as a crashed worker would."""
-    if step != cfg.train.faults.fail_at_step or rank != min(1, world - 1):
-        return
-    marker = join(out, "faults", f"fail_at_step-{step}")
-    fs, path = fsspec.core.url_to_fs(marker)
-    if fs.exists(path):
-        return
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.touch(path)
-    raise RuntimeError(f"injected fault before step {step} on rank {rank} (train.faults.fail_at_step)")
-
-
 def _export(engine: Any, model: torch.nn.Module, out: str, cfg: VitokConfig, step: int, rank: int) -> None:
     """Gather the full weights parameter by parameter (ZeRO-3 holds shards) and write the published layout."""
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     state = {}
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
@@ -254,7 +192,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     setup_logging()
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     cfg = config_from_dict(config["config"])
     out, ingest = config["out"], config["ingest"]
     context = ray.train.get_context()
@@ -285,7 +223,7 @@ def train_loop(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"step": 0, "position": {}, "skipped_steps": 0, "restores": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _load_checkpoint(engine, checkpoint, rank)
+        state = load_checkpoint(engine, checkpoint, rank)
         if rank == 0:
             log.info("resumed from %s at step %d", checkpoint.path, state["step"])
     last_checkpoint = checkpoint
@@ -303,7 +241,7 @@ def train_loop(config: dict[str, Any]) -> None:
     previous_budget = budget_at_step(max(0, state["step"] - 1), total, cfg.data.budgets, cfg.data.budget_switch)
     while state["step"] < stop:
         step = state["step"]
-        _inject_fault(cfg, out, step, rank, world)
+        inject_fault(cfg.train.faults.fail_at_step, "train.faults.fail_at_step", out, step, rank, world)
         budget = budget_at_step(step, total, cfg.data.budgets, cfg.data.budget_switch)
         if budget != previous_budget and rank == 0:
             log.warning("budget switch at step %d: %d -> %d tokens", step, previous_budget, budget)
@@ -331,7 +269,7 @@ def train_loop(config: dict[str, Any]) -> None:
             loss = terms["loss"]
             if step in cfg.train.faults.nan_at_steps:
                 loss = terms["loss"] = loss * float("nan")
-            finite = _all_reduce([float(torch.isfinite(loss.detach()))], dist.ReduceOp.MIN)[0] > 0
+            finite = all_reduce([float(torch.isfinite(loss.detach()))], dist.ReduceOp.MIN)[0] > 0
             if not finite:
                 # Make every gradient non-finite, so DeepSpeed's own check drops this step's update on
                 # every rank and clears the accumulated gradients.
@@ -352,7 +290,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 if last_checkpoint is None:
                     raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row and no checkpoint to restore")
                 position, step_now, counters = dict(budgets.position), state["step"], dict(state)
-                restored = _load_checkpoint(engine, last_checkpoint, rank)
+                restored = load_checkpoint(engine, last_checkpoint, rank)
                 state.update(counters, restores=counters["restores"] + 1, step=step_now, position=position)
                 bad_in_a_row = 0
                 if rank == 0:
@@ -361,7 +299,7 @@ def train_loop(config: dict[str, Any]) -> None:
             bad_in_a_row = 0
         elapsed = time.perf_counter() - started
 
-        reduced = _all_reduce([tokens, wait, *sums.values()], dist.ReduceOp.SUM)
+        reduced = all_reduce([tokens, wait, *sums.values()], dist.ReduceOp.SUM)
         global_tokens = reduced[0]
         seq_len = grids.pop()
         seq_len = seq_len[0] * seq_len[1]
@@ -393,9 +331,9 @@ def train_loop(config: dict[str, Any]) -> None:
             )  # fmt: skip
         if state["step"] % cfg.train.checkpoint_every == 0 or done:
             if rank == 0:
-                _write_metrics(out, lines, state["step"])
-            _save_checkpoint(engine, cfg, state, metrics, rank)
-            last_checkpoint = ray.train.Checkpoint(join(out, f"step-{state['step']:08d}"))
+                write_metrics(out, lines, state["step"])
+            save_checkpoint(engine, state, metrics, rank, {"config.yaml": OmegaConf.to_yaml(cfg)})
+            last_checkpoint = ray.train.Checkpoint(join(out, checkpoint_name(state["step"])))
         elif state["step"] % cfg.train.log_every == 0:
             ray.train.report(metrics)
     budgets.close()
@@ -406,23 +344,8 @@ def train_loop(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
-def read_metrics(out: str) -> list[dict]:
-    """Every logged step of a run, in order (one line per step; a resumed run has no duplicates)."""
-    fs, path = fsspec.core.url_to_fs(join(out, "metrics"))
-    if not fs.exists(path):
-        return []
-    lines = []
-    for name in sorted(fs.ls(path, detail=False)):
-        with fs.open(name, "r") as f:
-            lines += [json.loads(line) for line in f if line.strip()]
-    return lines
-
-
 def run(cfg: VitokConfig) -> dict[str, Any]:
     """Train (or resume, or skip when finished); returns the manifest (status 'paused' on stop_at_step)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     ingest = IngestOutput(ingest_uri(cfg))  # fails here, before any cluster work, if it is not complete
     out = output_uri(cfg, ingest)
     if is_complete(out):
@@ -434,22 +357,11 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     with fsspec.open(join(out, "config.yaml"), "w") as f:
         f.write(OmegaConf.to_yaml(cfg))
     init_ray()
-    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": to_dict(cfg), "out": out, "ingest": ingest.uri},
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=out.rstrip("/").rsplit("/", 1)[-1],
-            storage_path=out.rstrip("/").rsplit("/", 1)[0],
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        ),
+    t = cfg.train
+    loop_config = {"config": to_dict(cfg), "out": out, "ingest": ingest.uri}
+    result = fit(
+        train_loop, loop_config, out, t.workers, t.use_gpu, t.cpus_per_worker, t.max_failures, t.keep_checkpoints
     )
-    result = trainer.fit()
     metrics = read_metrics(out)
     step = metrics[-1]["step"] if metrics else 0
     manifest = {

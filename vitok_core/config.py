@@ -151,6 +151,59 @@ class CacheConfig:
 
 
 @dataclass
+class SampleConfig:
+    """jobs.sample: images from a trained flow model, decoded by the autoencoder."""
+
+    per_class: int = 4  # images per class
+    classes: list[str] = field(default_factory=list)  # [] = every class of the cache
+    rows: int = 16  # latent grid of the samples (16 x 16 tokens = 256 x 256 px at p16)
+    cols: int = 16
+    steps: int = 50
+    method: str = "euler"  # euler | heun
+    cfg_scale: float = 1.5
+    cfg_interval: list[float] = field(default_factory=lambda: [0.1, 0.9])  # guidance only for t in here
+    cfg_rescale: float = 0.0  # 0 = plain CFG; 1 = guided velocity rescaled to the conditional one's std
+    seed: int = 0
+    batch_size: int = 16
+    decoder: str = ""  # published-layout directory; "" = the cache's encoder directory (same export)
+    out: str = ""  # where PNGs + samples.npz go; "" = {flow run}/samples/{hash of these settings}
+
+
+@dataclass
+class FlowConfig:
+    """Stage train_flow: a class-conditional flow-matching DiT on cached latents (method.md section 5)."""
+
+    size: str = "L"  # tiny | S | L (~458M) | G (~1.2B), see vitok_core.model.dit
+    root: str = "runs"  # the run goes to {root}/train_flow/{key}/
+    cache: str = ""  # cache_latents output; "" = the one this config's cache section produces
+    steps: int = 400_000
+    batch_size: int = 4096  # images per optimizer step, all workers
+    micro_batch_size: int = 0  # per worker per forward; 0 = batch_size / workers
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 5000
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1
+    ema_decay: float = 0.9999
+    zero_stage: int = 2  # 0-2: the EMA needs whole parameters on every rank
+    seed: int = 0
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0
+    shuffle_window: int = 16
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 100
+    max_failures: int = 3
+    stop_at_step: int = 0  # pause after this step (checkpointed); rerun to continue
+    fail_at_step: int = -1  # fault injection: rank 1 raises once when this many steps are done
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass
 class VitokConfig:
     name: str = "350m"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +213,7 @@ class VitokConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,6 +381,22 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "ingest.files_per_task", lambda v: v >= 1, ">= 1")
     _rule(cfg, "ingest.rows_per_file", lambda v: v >= 1, ">= 1")
     _rule(cfg, "train.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3")
+    _rule(cfg, "flow.size", lambda v: v in ("tiny", "S", "L", "G"), "tiny, S, L or G")
+    _rule(cfg, "flow.zero_stage", lambda v: v in (0, 1, 2), "0, 1 or 2 (the EMA needs whole parameters)")
+    _rule(cfg, "flow.ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _rule(cfg, "flow.label_dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _rule(cfg, "flow.sample.method", lambda v: v in ("euler", "heun"), "'euler' or 'heun'")
+    _rule(cfg, "flow.sample.cfg_interval", lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1, "[lo, hi] in [0, 1]")
+    for key in ("steps", "batch_size", "workers", "checkpoint_every", "log_every", "keep_checkpoints"):
+        _rule(cfg, f"flow.{key}", lambda v: v >= 1, ">= 1")
+    f = cfg.flow
+    flow_micro = f.micro_batch_size or f.batch_size // f.workers
+    _rule(
+        cfg,
+        "flow.batch_size",
+        lambda v: flow_micro > 0 and v % (flow_micro * f.workers) == 0,
+        f"a multiple of micro_batch_size x workers ({flow_micro} x {f.workers})",
+    )
     _rule(cfg, "cache.budget", lambda v: v >= 1, ">= 1")
     _rule(cfg, "cache.dtype", lambda v: v in ("bf16", "fp16"), "'bf16' or 'fp16'")
     _rule(cfg, "cache.batch_size", lambda v: v >= 1, ">= 1")

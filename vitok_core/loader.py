@@ -44,7 +44,7 @@ import torch
 from vitok_core.images import decode_image, to_tensor
 from vitok_core.naflex import PatchDict, collate, patchify, random_augment, resize_to_budget
 
-__all__ = ["BucketLoader", "ShardIndex"]
+__all__ = ["BucketLoader", "LatentLoader", "ShardIndex"]
 
 
 @dataclass
@@ -303,3 +303,56 @@ def describe_buckets(sizes: dict[str, int], top: int = 5) -> str:
     ranked: Sequence[tuple[str, int]] = sorted(sizes.items(), key=lambda kv: -kv[1])
     shown = ", ".join(f"{b}:{n}" for b, n in ranked[:top])
     return f"{len(sizes)} buckets ({shown}{', ...' if len(ranked) > top else ''})"
+
+
+class _LatentBatches(_RowGroups):
+    """Cached latents (jobs/cache_latents.py rows): standardised tokens, class indices, grid positions."""
+
+    columns = ("latent", "label", "rows", "cols", "channels", "dtype")
+
+    def __init__(
+        self, index: ShardIndex, classes: Sequence[str], mean: Sequence[float], std: Sequence[float], cache: int
+    ) -> None:
+        super().__init__(index, cache)
+        self.class_index = {name: i for i, name in enumerate(classes)}
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        from vitok_core.latents import from_bytes, grid_positions
+
+        number, rows = item
+        xs, labels, grids = [], [], set()
+        for table, i in self.rows(rows):
+            r, c, ch = (int(table.column(k)[i].as_py()) for k in ("rows", "cols", "channels"))
+            z = from_bytes(table.column("latent")[i].as_py(), r * c, ch, table.column("dtype")[i].as_py())
+            xs.append((z - self.mean) / self.std)
+            labels.append(self.class_index[table.column("label")[i].as_py()])
+            grids.add((r, c))
+        if len(grids) != 1:  # the plan groups by bucket (= grid): this is a bug, never data
+            raise RuntimeError(f"latent batch {number} mixes grids {sorted(grids)}")
+        positions = grid_positions(*grids.pop())
+        batch = {k: v[None].expand(len(xs), *v.shape).clone() for k, v in positions.items()}
+        batch.update(x=torch.stack(xs), labels=torch.tensor(labels), number=torch.tensor(number))
+        return batch
+
+
+class LatentLoader(BucketLoader):
+    """Micro-batches of cached latents of one grid, standardised with the cache's stats.json."""
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        micro_batch: int,
+        seed: int,
+        classes: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        window: int = 16,
+        workers: int = 0,
+    ) -> None:
+        super().__init__(index, micro_batch, seed, patch_size=1, window=window, workers=workers)
+        self.classes, self.mean, self.std = list(classes), list(mean), list(std)
+
+    def dataset(self) -> _RowGroups:
+        return _LatentBatches(self.index, self.classes, self.mean, self.std, cache=self.window)

@@ -1,0 +1,145 @@
+"""What the two Ray Train + DeepSpeed jobs (train_ae, train_flow) share: DeepSpeed import on CPU, rank
+checkpoints through ray.train.report, metrics JSONL, fault injection and the TorchTrainer itself.
+
+A checkpoint directory `step-NNNNNNNN/` holds DeepSpeed's files (tag `zero`: every rank's ZeRO shards),
+one `rank-RRRRR.pt` per rank (the loop's state: step, data position, counters, and RNG states) and any
+small text files rank 0 adds. Every rank writes its own files to a local temporary directory and reports
+it; Ray Train merges the ranks' files into one checkpoint in the run directory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vitok_core.artifacts import join
+
+
+def import_deepspeed() -> Any:
+    """DeepSpeed, with its CPU shared-memory op disabled: on CPU it JIT-compiles that op at start-up
+    (75-90 s) for what gloo does anyway. `import deepspeed.comm.torch as m` would bind torch itself
+    (deepspeed.comm re-exports it), hence importlib."""
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    return deepspeed
+
+
+def all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _rank_state_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank-{rank:05d}.pt")
+
+
+def save_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, files: dict[str, str] | None = None) -> None:
+    """Every rank: DeepSpeed shards + its own state (+ rank 0's text `files`), reported to Ray Train."""
+    import ray.train
+
+    step = state["step"]
+    directory = tempfile.mkdtemp(prefix=f"vitok-step{step}-")
+    engine.save_checkpoint(directory, tag="zero", client_state={"step": step})
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save({**state, "rng": rng}, _rank_state_path(directory, rank))
+    if rank == 0:
+        for name, text in (files or {}).items():
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text)
+    checkpoint = ray.train.Checkpoint.from_directory(directory)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> dict:
+    """Weights and optimizer into `engine`, RNG states restored; returns this rank's saved state."""
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False)
+        state = torch.load(_rank_state_path(directory, rank), weights_only=False)
+    rng = state.pop("rng")
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state
+
+
+def write_metrics(out: str, lines: list[dict], step: int) -> None:
+    """The lines logged since the last checkpoint, as metrics/step-N.jsonl (written at checkpoints only,
+    so a run resumed from a checkpoint never repeats a line)."""
+    if lines:
+        with fsspec.open(join(out, "metrics", f"step-{step:08d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        lines.clear()
+
+
+def read_metrics(out: str) -> list[dict]:
+    """Every logged step of a run, in order."""
+    fs, path = fsspec.core.url_to_fs(join(out, "metrics"))
+    if not fs.exists(path):
+        return []
+    lines = []
+    for name in sorted(fs.ls(path, detail=False)):
+        with fs.open(name, "r") as f:
+            lines += [json.loads(line) for line in f if line.strip()]
+    return lines
+
+
+def inject_fault(fail_at_step: int, key: str, out: str, step: int, rank: int, world: int) -> None:
+    """`fail_at_step`: one rank (1, or 0 alone) raises once when that many steps are done, as a crashed
+    worker would. A marker in the run directory makes it fire only once."""
+    if step != fail_at_step or rank != min(1, world - 1):
+        return
+    fs, path = fsspec.core.url_to_fs(join(out, "faults", f"fail_at_step-{step}"))
+    if fs.exists(path):
+        return
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.touch(path)
+    raise RuntimeError(f"injected fault before step {step} on rank {rank} ({key})")
+
+
+def fit(
+    loop: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    out: str,
+    workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+    keep_checkpoints: int,
+) -> Any:
+    """Run `loop` on `workers` Ray Train workers; the run is `out` (name = its last part), so running the
+    same `out` again resumes from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=out.rstrip("/").rsplit("/", 1)[-1],
+            storage_path=out.rstrip("/").rsplit("/", 1)[0],
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
