@@ -34,13 +34,16 @@ def flow_loss(
     positions: Positions,
     generator: torch.Generator | None = None,
     label_dropout: float = 0.1,
+    null_class: int | None = None,
 ) -> Tensor:
-    """Masked MSE between the predicted and the true velocity at logit-normal t."""
+    """Masked MSE between the predicted and the true velocity at logit-normal t. `null_class` defaults to
+    `model.null_class` (give it when `model` is a wrapper, e.g. a DeepSpeed engine)."""
     b = x.shape[0]
     t = logit_normal(b, generator).to(x.device, x.dtype)
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     x_t = t[:, None, None] * x + (1 - t[:, None, None]) * noise
-    labels = drop_labels(labels, model.null_class, label_dropout, generator)
+    null = model.null_class if null_class is None else null_class
+    labels = drop_labels(labels, null, label_dropout, generator)
     v = model(x_t, t, labels, positions)
     mask = positions.get("patch_mask")
     err = (v.float() - (x - noise).float()) ** 2

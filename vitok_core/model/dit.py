@@ -13,33 +13,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitok_core.model.layers import Attention, SwiGLU, attention_mask, rope_2d
-from vitok_core.variants import swiglu_hidden
-
-
-@dataclass(frozen=True)
-class DiTSpec:
-    width: int
-    depth: int
-    heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
+from vitok_core.variants import TowerSpec
 
 # Paper sizes (~450M "L", ~1.2B "G") with SwiGLU MLPs; "tiny" and "S" are ours, for CPUs and tests.
-DIT_SIZES: dict[str, DiTSpec] = {
-    "tiny": DiTSpec(width=128, depth=2, heads=2),
-    "S": DiTSpec(width=384, depth=12, heads=6),
-    "L": DiTSpec(width=1024, depth=24, heads=16),
-    "G": DiTSpec(width=1536, depth=28, heads=24),
+DIT_SIZES: dict[str, TowerSpec] = {
+    "tiny": TowerSpec(width=128, depth=2, heads=2),
+    "S": TowerSpec(width=384, depth=12, heads=6),
+    "L": TowerSpec(width=1024, depth=24, heads=16),
+    "G": TowerSpec(width=1536, depth=28, heads=24),
 }
 
 
@@ -58,12 +45,12 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class DiTBlock(nn.Module):
     """Pre-norm attention + SwiGLU, each shifted, scaled and gated by the conditioning (adaLN-Zero)."""
 
-    def __init__(self, spec: DiTSpec) -> None:
+    def __init__(self, spec: TowerSpec) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(spec.width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(spec.width, spec.heads)
         self.norm2 = nn.LayerNorm(spec.width, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(spec.width, swiglu_hidden(spec.width))
+        self.mlp = SwiGLU(spec.width, spec.mlp_hidden)
         self.modulation = nn.Linear(spec.width, 6 * spec.width)
 
     def forward(self, x: Tensor, cond: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
@@ -73,7 +60,7 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, spec: DiTSpec, channels: int, num_classes: int, rope_theta: float = 10000.0) -> None:
+    def __init__(self, spec: TowerSpec, channels: int, num_classes: int, rope_theta: float = 10000.0) -> None:
         super().__init__()
         self.spec, self.channels, self.num_classes, self.rope_theta = spec, channels, num_classes, rope_theta
         width = spec.width

@@ -1,0 +1,130 @@
+"""Sample images from a trained flow model (train_flow export) and decode them with the autoencoder.
+
+    python -m jobs.sample --config tiny flow.cache=runs/cache_latents/<key> [flow.sample.per_class=8 ...]
+
+Reads {train_flow run}/export (the EMA weights), draws `per_class` latent grids of rows x cols tokens per
+class with the configured sampler (Euler or Heun, classifier-free guidance inside cfg_interval, optional
+rescale; the same seed gives the same images), undoes the cache's standardisation, decodes with the
+autoencoder's decoder (flow.sample.decoder, default: the directory whose encoder made the cache) and
+writes {out}/{class}/NNNN.png, {out}/samples.npz (images uint8 [N, H, W, 3], labels, classes) and
+{out}/manifest.json. Runs in-process (no Ray): it is a few batches of inference.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as load_bytes
+
+from jobs.common import parse_config, setup_logging
+from vitok_core.artifacts import join, read_json, stage_key, write_json
+from vitok_core.checkpoint import load_part_model
+from vitok_core.config import VitokConfig, to_dict
+from vitok_core.flow import sample
+from vitok_core.images import to_uint8
+from vitok_core.latents import grid_positions
+from vitok_core.model.dit import build_dit
+from vitok_core.naflex import unpatchify
+
+log = logging.getLogger("vitok.sample")
+
+
+def load_flow(export: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The EMA DiT of a train_flow export and its export.json."""
+    info = read_json(join(export, "export.json"))
+    model = build_dit(info["size"], info["channels"], info["num_classes"])
+    with fsspec.open(join(export, "dit_ema.safetensors"), "rb") as f:
+        model.load_state_dict(load_bytes(f.read()), strict=True)
+    return model.eval(), info
+
+
+@torch.no_grad()
+def decode_latents(decoder: torch.nn.Module, z: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
+    """Standard-scale latents [B, rows * cols, c] -> images [3, rows p, cols p] in [-1, 1]."""
+    p = decoder.spec.patch_size
+    positions = {k: v[None].expand(z.shape[0], *v.shape) for k, v in grid_positions(rows, cols).items()}
+    positions["orig_size"] = torch.tensor([[rows * p, cols * p]] * z.shape[0])
+    patches = decoder.decode({"z": z, **positions})["patches"]
+    return unpatchify(patches, positions, p)
+
+
+def run(cfg: VitokConfig) -> dict[str, Any]:
+    from jobs.train_flow import cache_uri, open_cache, output_uri
+
+    s = cfg.flow.sample
+    cache = cache_uri(cfg)
+    opened = open_cache(cache)
+    flow_out = output_uri(cfg, opened["manifest"]["key"])
+    model, info = load_flow(join(flow_out, "export"))
+    decoder = load_part_model(s.decoder or opened["manifest"]["encoder"], "decoder")
+    classes = list(s.classes) or list(info["classes"])
+    unknown = sorted(set(classes) - set(info["classes"]))
+    if unknown:
+        raise ValueError(f"flow.sample.classes: {unknown} are not classes of the model ({info['classes']})")
+    settings = {k: v for k, v in to_dict(s).items() if k != "out"}
+    out = s.out or join(flow_out, "samples", stage_key("sample", settings, [flow_out], "sample-1"))
+    mean = torch.tensor(info["latent_mean"])
+    std = torch.tensor(info["latent_std"])
+    labels = [info["classes"].index(c) for c in classes for _ in range(s.per_class)]
+    start = time.time()
+    images: list[np.ndarray] = []
+    for b, first in enumerate(range(0, len(labels), s.batch_size)):
+        batch_labels = torch.tensor(labels[first : first + s.batch_size])
+        n = len(batch_labels)
+        positions = {k: v[None].expand(n, *v.shape) for k, v in grid_positions(s.rows, s.cols).items()}
+        z = sample(
+            model,
+            batch_labels,
+            positions,
+            info["channels"],
+            steps=s.steps,
+            method=s.method,
+            cfg_scale=s.cfg_scale,
+            interval=tuple(s.cfg_interval),
+            rescale=s.cfg_rescale,
+            seed=s.seed * 1_000_003 + b,
+        )
+        for image in decode_latents(decoder, z * std + mean, s.rows, s.cols):
+            images.append(np.asarray(to_uint8(image)))
+    fs, root = fsspec.core.url_to_fs(out)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        name = info["classes"][label]
+        fs.makedirs(f"{root}/{name}", exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        with fs.open(f"{root}/{name}/{i:04d}.png", "wb") as f:
+            f.write(buffer.getvalue())
+    buffer = io.BytesIO()
+    np.savez(buffer, images=np.stack(images), labels=np.array(labels), classes=np.array(info["classes"]))
+    with fs.open(f"{root}/samples.npz", "wb") as f:
+        f.write(buffer.getvalue())
+    manifest = {
+        "stage": "sample",
+        "output": out,
+        "flow": flow_out,
+        "settings": settings,
+        "images": len(images),
+        "shape": list(images[0].shape),
+        "wall_s": time.time() - start,
+    }
+    write_json(join(out, "manifest.json"), manifest)
+    log.info("sample: %d images of %s to %s", len(images), images[0].shape, out)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_config(__doc__.splitlines()[0], argv)
+    manifest = run(cfg)
+    print(f"samples: {manifest['output']} ({manifest['images']} images of {manifest['shape']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Stage train_flow: a class-conditional flow-matching DiT on cached latents, with Ray Train + DeepSpeed.
+
+    python -m jobs.train_flow --config tiny flow.cache=runs/cache_latents/<key> [key=value ...]
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.train_flow --config 5b \\
+        flow.cache=s3://bucket/runs/cache_latents/KEY flow.root=s3://bucket/runs flow.workers=64 flow.use_gpu=true
+
+The run lives in {flow.root}/train_flow/{key}/ (key = the flow settings that change the weights + the
+cache key), which is also the Ray Train run: rerunning the same command resumes from the latest
+checkpoint (layout as in train_ae: step-NNNNNNNN/, metrics/, then export/, manifest.json, _SUCCESS).
+export/ holds dit.safetensors (raw weights), dit_ema.safetensors (the EMA, what a sampler should use) and
+export.json (size, channels, classes, the cache's latent mean/std, step).
+
+Each worker: build the DiT (same seed everywhere), wrap it in DeepSpeed ZeRO (stage 0-2: the EMA is kept
+on whole parameters on every rank), restore the latest checkpoint, then per step: micro-batches of one
+latent grid from this rank's shard of the cache, standardised with the cache's stats.json; rectified flow
+(x_t = t x + (1 - t) noise, velocity target x - noise) at logit-normal t, labels dropped to the null class
+with probability flow.label_dropout; warm-up + cosine learning rate; EMA update after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from safetensors.torch import save as save_bytes
+
+from jobs.common import init_ray, parse_config, setup_logging
+from jobs.train_common import (
+    all_reduce,
+    fit,
+    import_deepspeed,
+    inject_fault,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    write_metrics,
+)
+from vitok_core import __version__
+from vitok_core.artifacts import is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
+from vitok_core.flow import EMA, flow_loss
+from vitok_core.loader import LatentLoader, ShardIndex
+from vitok_core.model.dit import build_dit
+from vitok_core.optim import parameter_groups
+from vitok_core.schedules import lr_at_step
+
+log = logging.getLogger("vitok.train_flow")
+
+CODE_VERSION = "train_flow-1"
+_NOT_IN_KEY = (
+    "root",
+    "cache",
+    "loader_workers",
+    "log_every",
+    "keep_checkpoints",
+    "max_failures",
+    "stop_at_step",
+    "cpus_per_worker",
+    "sample",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings, key and layout
+# ------------------------------------------------------------------------------------------------
+def cache_uri(cfg: VitokConfig) -> str:
+    """flow.cache, else the cache_latents output this config's cache section produces."""
+    if cfg.flow.cache:
+        return cfg.flow.cache
+    from jobs.cache_latents import cache_settings, encoder_uri
+    from jobs.cache_latents import output_uri as cache_output_uri
+    from jobs.ingest import output_uri as ingest_output_uri
+    from vitok_core.ingest_output import IngestOutput
+
+    ingest = IngestOutput(cfg.cache.ingest or ingest_output_uri(cfg))
+    encoder = encoder_uri(cfg, ingest)
+    return cache_output_uri(cfg, ingest, cache_settings(cfg, encoder))
+
+
+def open_cache(uri: str) -> dict[str, Any]:
+    """The cache's manifest and stats; fails before any cluster work when the cache is not complete."""
+    if not is_complete(uri):
+        raise FileNotFoundError(f"{uri} is not a completed cache_latents output (no _SUCCESS)")
+    return {"manifest": read_json(join(uri, "manifest.json")), "stats": read_json(join(uri, "stats.json"))}
+
+
+def flow_settings(cfg: VitokConfig, cache_key: str) -> dict[str, Any]:
+    return {**{k: v for k, v in to_dict(cfg.flow).items() if k not in _NOT_IN_KEY}, "cache_key": cache_key}
+
+
+def output_uri(cfg: VitokConfig, cache_key: str) -> str:
+    key = stage_key("train_flow", flow_settings(cfg, cache_key), [cache_key], CODE_VERSION)
+    root = cfg.flow.root if "://" in cfg.flow.root else os.path.abspath(cfg.flow.root)
+    return join(root, "train_flow", key)
+
+
+def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
+    micro = cfg.flow.micro_batch_size or cfg.flow.batch_size // cfg.flow.workers
+    return micro, cfg.flow.batch_size // (micro * cfg.flow.workers)
+
+
+def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
+    micro, accumulation = micro_batch_and_accumulation(cfg)
+    return {
+        "train_batch_size": cfg.flow.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.flow.grad_clip,
+        "bf16": {"enabled": bool(cfg.flow.use_gpu)},
+        "zero_optimization": {"stage": cfg.flow.zero_stage, "contiguous_gradients": True},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def cache_files(cache: str) -> tuple[pafs.FileSystem, list[str]]:
+    path = join(cache if "://" in cache else os.path.abspath(cache), "data")
+    filesystem, root = pafs.FileSystem.from_uri(path)
+    infos = filesystem.get_file_info(pafs.FileSelector(root))
+    return filesystem, sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside a Ray Train worker
+# ------------------------------------------------------------------------------------------------
+def _export(model: torch.nn.Module, ema: EMA, out: str, cfg: VitokConfig, stats: dict, step: int) -> None:
+    fs, path = fsspec.core.url_to_fs(join(out, "export"))
+    fs.makedirs(path, exist_ok=True)
+    for name, state in (("dit", model.state_dict()), ("dit_ema", ema.state_dict())):
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        with fs.open(f"{path}/{name}.safetensors", "wb") as f:
+            f.write(save_bytes(tensors, metadata={"format": "pt"}))
+    info = {
+        "size": cfg.flow.size,
+        "channels": stats["channels"],
+        "num_classes": len(stats["classes"]),
+        "classes": stats["classes"],
+        "latent_mean": stats["mean"],
+        "latent_std": stats["std"],
+        "cache": cfg.flow.cache,
+        "config_hash": config_hash(cfg),
+        "step": step,
+    }
+    write_json(join(out, "export", "export.json"), info)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (every rank runs this)."""
+    import ray.train
+    import ray.train.torch
+
+    setup_logging()
+    deepspeed = import_deepspeed()
+    cfg = config_from_dict(config["config"])
+    out, cache, stats = config["out"], config["cache"], config["stats"]
+    f = cfg.flow
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if f.use_gpu else torch.device("cpu")
+    stop = min(f.steps, f.stop_at_step or f.steps)
+    micro, accumulation = micro_batch_and_accumulation(cfg)
+
+    torch.manual_seed(f.seed)
+    model = build_dit(f.size, stats["channels"], len(stats["classes"]))
+    null_class = model.null_class
+    optimizer = torch.optim.AdamW(parameter_groups(model, f.weight_decay), lr=f.lr, betas=tuple(f.betas))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
+    )
+    ema = EMA(engine.module, f.ema_decay)
+    state: dict[str, Any] = {"step": 0, "position": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint(engine, checkpoint, rank)
+        ema.load_state_dict(state.pop("ema"))
+        if rank == 0:
+            log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+    filesystem, files = cache_files(cache)
+    index = ShardIndex.from_files(filesystem, files, "bucket", 0, rank, world)
+    loader = LatentLoader(
+        index, micro, f.seed, stats["classes"], stats["mean"], stats["std"], f.shuffle_window, f.loader_workers
+    )
+    batches = loader.batches(start=state["position"])
+    if rank == 0:
+        n_params = sum(p.numel() for p in engine.module.parameters())
+        log.info(
+            "train_flow %s: DiT-%s (%.1fM parameters) on %d cached latents, %d classes; %d workers x %d x %d "
+            "accumulation = batch %d; steps %d..%d of %d",
+            out, f.size, n_params / 1e6, index.rows * world, len(stats["classes"]), world, micro, accumulation,
+            f.batch_size, state["step"], stop, f.steps,
+        )  # fmt: skip
+    lines: list[dict] = []
+    while state["step"] < stop:
+        step = state["step"]
+        inject_fault(f.fail_at_step, "flow.fail_at_step", out, step, rank, world)
+        lr = lr_at_step(step, f.steps, f.lr, f.warmup_steps, f.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        engine.train()
+        started = time.perf_counter()
+        loss_sum, tokens, wait = 0.0, 0, 0.0
+        for micro_step in range(accumulation):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            state["position"] += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            x = batch["x"].to(torch.bfloat16) if f.use_gpu else batch["x"]
+            seed = np.random.default_rng([f.seed, rank, step, micro_step]).integers(2**62)
+            generator = torch.Generator().manual_seed(int(seed))  # t, noise and label drops: a function of the step
+            loss = flow_loss(engine, x, batch["labels"], batch, generator, f.label_dropout, null_class)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach()) / accumulation
+            tokens += int(batch["patch_mask"].sum())
+        ema.update(engine.module)
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - started
+        reduced = all_reduce([loss_sum, tokens, wait], dist.ReduceOp.SUM)
+        state["step"] = step + 1
+        metrics = {
+            "step": step + 1,
+            "loss": reduced[0] / world,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": reduced[1],
+            "tokens_per_s": reduced[1] / elapsed,
+            "step_s": elapsed,
+            "data_wait_s": reduced[2] / world,
+        }
+        done = state["step"] == stop
+        if (state["step"] % f.log_every == 0 or done) and rank == 0:
+            lines.append(metrics)
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", state["step"], f.steps, metrics["loss"], lr,
+                     metrics["tokens_per_s"])  # fmt: skip
+        if state["step"] % f.checkpoint_every == 0 or done:
+            if rank == 0:
+                write_metrics(out, lines, state["step"])
+            files = {"config.yaml": OmegaConf.to_yaml(cfg)}
+            save_checkpoint(engine, {**state, "ema": ema.state_dict()}, metrics, rank, files)
+        elif state["step"] % f.log_every == 0:
+            ray.train.report(metrics)
+    batches.close()
+    if state["step"] == f.steps and rank == 0:
+        _export(engine.module, ema, out, cfg, stats, f.steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+# ------------------------------------------------------------------------------------------------
+def run(cfg: VitokConfig) -> dict[str, Any]:
+    """Train (or resume, or skip when finished); returns the manifest (status 'paused' on stop_at_step)."""
+    cache = cache_uri(cfg)
+    opened = open_cache(cache)  # before any cluster work
+    cache_key = opened["manifest"]["key"]
+    out = output_uri(cfg, cache_key)
+    if is_complete(out):
+        log.info("train_flow %s is complete; skipped", out)
+        return read_json(join(out, "manifest.json"))
+    start = time.time()
+    with fsspec.open(join(out, "config.yaml"), "w") as fh:
+        fh.write(OmegaConf.to_yaml(cfg))
+    init_ray()
+    f = cfg.flow
+    loop_config = {"config": to_dict(cfg), "out": out, "cache": cache, "stats": opened["stats"]}
+    result = fit(
+        train_loop, loop_config, out, f.workers, f.use_gpu, f.cpus_per_worker, f.max_failures, f.keep_checkpoints
+    )
+    metrics = read_metrics(out)
+    step = metrics[-1]["step"] if metrics else 0
+    complete = step == f.steps
+    manifest = {
+        "stage": "train_flow",
+        "key": out.rstrip("/").rsplit("/", 1)[-1],
+        "output": out,
+        "cache": cache,
+        "status": "complete" if complete else "paused",
+        "step": step,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final": metrics[-1] if metrics else {},
+        "export": join(out, "export") if complete else None,
+        "config_hash": config_hash(cfg),
+        "wall_s_this_run": time.time() - start,
+        "versions": {"vitok": __version__, "torch": torch.__version__},
+        "code_version": CODE_VERSION,
+    }
+    if complete:
+        write_json(join(out, "manifest.json"), manifest)
+        mark_success(out)
+    log.info("train_flow %s: %s at step %d of %d", out, manifest["status"], step, f.steps)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_config(__doc__.splitlines()[0], argv)
+    manifest = run(cfg)
+    print(f"train_flow output: {manifest['output']} ({manifest['status']} at step {manifest['step']})")
+
+
+if __name__ == "__main__":
+    main()
