@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from jobs import train_common as common
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.ingest import output_uri as ingest_output_uri
 from jobs.train_common import (
@@ -88,6 +89,9 @@ def ingest_uri(cfg: VitokConfig) -> str:
 
 def train_settings(cfg: VitokConfig, ingest_key: str) -> dict[str, Any]:
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in _NOT_IN_KEY}
+    # A recovered crash leaves the weights as an uninterrupted run has them (tested), so fail_at_step is not
+    # part of the key; non-finite steps change the weights, so nan_at_steps is.
+    train["faults"] = {"nan_at_steps": train["faults"]["nan_at_steps"]}
     sections = {name: to_dict(getattr(cfg, name)) for name in ("model", "data", "loss", "optim")}
     return {**sections, "train": train, "ingest_key": ingest_key}
 
@@ -99,30 +103,20 @@ def output_uri(cfg: VitokConfig, ingest: IngestOutput) -> str:
 
 
 def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size // cfg.train.workers
-    return micro, cfg.train.batch_size // (micro * cfg.train.workers)
+    t = cfg.train
+    return common.micro_batch_and_accumulation(t.batch_size, t.micro_batch_size, t.workers)
 
 
 def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
-    """ZeRO config from ours: bf16 on GPU, fp32 on CPU; the optimizer is ours (torch AdamW)."""
-    micro, accumulation = micro_batch_and_accumulation(cfg)
-    return {
-        "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": bool(cfg.train.use_gpu)},
-        "zero_optimization": {
-            "stage": cfg.train.zero_stage,
-            "overlap_comm": bool(cfg.train.use_gpu),
-            "contiguous_gradients": True,
-            "stage3_gather_16bit_weights_on_model_save": False,
-            "stage3_param_persistence_threshold": cfg.train.zero_persistence_threshold,
-        },
-        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no JIT-compiled FusedAdam
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
+    """ZeRO-3 from our config (stage, persistence threshold), gradient clipping = optim.grad_clip."""
+    t = cfg.train
+    zero = {
+        "stage": t.zero_stage,
+        "overlap_comm": bool(t.use_gpu),
+        "stage3_gather_16bit_weights_on_model_save": False,
+        "stage3_param_persistence_threshold": t.zero_persistence_threshold,
     }
+    return common.deepspeed_config(t.batch_size, t.micro_batch_size, t.workers, cfg.optim.grad_clip, t.use_gpu, zero)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,30 @@ def all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
     return tensor.tolist()
 
 
+def micro_batch_and_accumulation(batch_size: int, micro_batch_size: int, workers: int) -> tuple[int, int]:
+    """(images per worker per forward, accumulation steps); micro 0 = batch / workers, no accumulation."""
+    micro = micro_batch_size or batch_size // workers
+    return micro, batch_size // (micro * workers)
+
+
+def deepspeed_config(
+    batch_size: int, micro_batch_size: int, workers: int, grad_clip: float, use_gpu: bool, zero: dict[str, Any]
+) -> dict[str, Any]:
+    """A DeepSpeed config: bf16 on GPU, fp32 on CPU, our own torch optimizer (no JIT-compiled FusedAdam)."""
+    micro, accumulation = micro_batch_and_accumulation(batch_size, micro_batch_size, workers)
+    return {
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": bool(use_gpu)},
+        "zero_optimization": {"contiguous_gradients": True, **zero},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import save as save_bytes
 
+from jobs import train_common as common
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.train_common import (
     all_reduce,
@@ -103,22 +104,15 @@ def output_uri(cfg: VitokConfig, cache_key: str) -> str:
 
 
 def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
-    micro = cfg.flow.micro_batch_size or cfg.flow.batch_size // cfg.flow.workers
-    return micro, cfg.flow.batch_size // (micro * cfg.flow.workers)
+    f = cfg.flow
+    return common.micro_batch_and_accumulation(f.batch_size, f.micro_batch_size, f.workers)
 
 
 def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
-    micro, accumulation = micro_batch_and_accumulation(cfg)
-    return {
-        "train_batch_size": cfg.flow.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.flow.grad_clip,
-        "bf16": {"enabled": bool(cfg.flow.use_gpu)},
-        "zero_optimization": {"stage": cfg.flow.zero_stage, "contiguous_gradients": True},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
+    f = cfg.flow
+    return common.deepspeed_config(
+        f.batch_size, f.micro_batch_size, f.workers, f.grad_clip, f.use_gpu, {"stage": f.zero_stage}
+    )
 
 
 def cache_files(cache: str) -> tuple[pafs.FileSystem, list[str]]:

@@ -307,6 +307,18 @@ def _rule(cfg: Any, key: str, ok: Callable[[Any], bool], need: str) -> None:
         raise ConfigError(f"{key}={value!r}: must be {need}")
 
 
+def _batch_rule(cfg: Any, section: str) -> None:
+    """batch_size must split into workers x micro-batches x accumulation steps."""
+    c = getattr(cfg, section)
+    micro = c.micro_batch_size or c.batch_size // c.workers
+    _rule(
+        cfg,
+        f"{section}.batch_size",
+        lambda v: micro > 0 and v % (micro * c.workers) == 0,
+        f"a multiple of micro_batch_size x workers ({micro} x {c.workers})",
+    )
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError on the first value that cannot work."""
     try:
@@ -389,27 +401,13 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "flow.sample.cfg_interval", lambda v: len(v) == 2 and 0 <= v[0] <= v[1] <= 1, "[lo, hi] in [0, 1]")
     for key in ("steps", "batch_size", "workers", "checkpoint_every", "log_every", "keep_checkpoints"):
         _rule(cfg, f"flow.{key}", lambda v: v >= 1, ">= 1")
-    f = cfg.flow
-    flow_micro = f.micro_batch_size or f.batch_size // f.workers
-    _rule(
-        cfg,
-        "flow.batch_size",
-        lambda v: flow_micro > 0 and v % (flow_micro * f.workers) == 0,
-        f"a multiple of micro_batch_size x workers ({flow_micro} x {f.workers})",
-    )
+    _batch_rule(cfg, "flow")
     _rule(cfg, "cache.budget", lambda v: v >= 1, ">= 1")
     _rule(cfg, "cache.dtype", lambda v: v in ("bf16", "fp16"), "'bf16' or 'fp16'")
     _rule(cfg, "cache.batch_size", lambda v: v >= 1, ">= 1")
     _rule(cfg, "cache.actors", lambda v: v >= 1, ">= 1")
     _rule(cfg, "cache.cpus_per_actor", lambda v: v >= 0, ">= 0")
-    t = cfg.train
-    micro = t.micro_batch_size or t.batch_size // t.workers
-    _rule(
-        cfg,
-        "train.batch_size",
-        lambda v: micro > 0 and v % (micro * t.workers) == 0,
-        f"a multiple of micro_batch_size x workers ({micro} x {t.workers})",
-    )
+    _batch_rule(cfg, "train")
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
         raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")
 
