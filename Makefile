@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_train_ae.py
+	$(PY) benchmarks/bench_cache_latents.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

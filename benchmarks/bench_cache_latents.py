@@ -1,7 +1,7 @@
 """CPU benchmark of the cache_latents stage: the Ray Data job (2 encoder actors) against a bare loop that
 runs the same per-file work in one process.
 
-    .venv/bin/python benchmarks/bench_cache_latents.py            # 400 images, tiny encoder, ~2 minutes
+    .venv/bin/python benchmarks/bench_cache_latents.py            # 1200 images, tiny encoder, ~2 minutes
     .venv/bin/python benchmarks/bench_cache_latents.py --images 1000 --variant Sd4-Sd4/1x16x64
 
 Data: the first --images JPEGs of bench_ingest.py's web-crawl mix (generated and cached if missing),
@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_cache_latents.jso
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--variant", default="Tid2-Tid4/1x16x16")
     args = parser.parse_args()
