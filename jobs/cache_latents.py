@@ -222,8 +222,8 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         log.info("cache_latents %s is complete; skipped", out)
         return read_json(join(out, "manifest.json"))
     start = time.time()
-    filesystem, files = ingest.data_files()
-    uris = [_uri_of(ingest, filesystem, path) for path in files]
+    _, files = ingest.data_files()
+    uris = [_uri_of(ingest.uri, path) for path in files]
     done = done_files(out)
     todo = [{"index": i, "path": uri} for i, uri in enumerate(uris) if i not in done]
     log.info("cache_latents %s: %d ingest files (%d already done), encoder %s", out, len(uris), len(done), encoder)
@@ -299,9 +299,9 @@ def _ingest_uri(cfg: VitokConfig) -> str:
     return ingest_output_uri(cfg)
 
 
-def _uri_of(ingest: IngestOutput, filesystem: Any, path: str) -> str:
-    """A data file's URI for fsspec, from Arrow's path on its filesystem."""
-    return f"s3://{path}" if ingest.uri.startswith("s3://") else path
+def _uri_of(ingest_uri: str, path: str) -> str:
+    """A data file's URI for fsspec, from Arrow's path on the ingest output's filesystem (same scheme)."""
+    return f"{ingest_uri.split('://', 1)[0]}://{path}" if "://" in ingest_uri else path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,7 @@ bucket. Horizontal flips are per image. All randomness of batch k comes from (se
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,8 @@ from vitok_core.images import decode_image, to_tensor
 from vitok_core.naflex import PatchDict, collate, patchify, random_augment, resize_to_budget
 
 __all__ = ["BucketLoader", "LatentLoader", "ShardIndex"]
+
+log = logging.getLogger("vitok.loader")
 
 
 @dataclass
@@ -284,7 +287,13 @@ class BucketLoader:
         finally:  # shut the worker processes down now, not whenever the generator is collected
             shutdown = getattr(iterator, "_shutdown_workers", None)
             if shutdown is not None:
-                shutdown()
+                try:
+                    shutdown()
+                except RuntimeError as err:
+                    # A spawned worker that imported pyarrow sometimes aborts in its own interpreter exit,
+                    # after its last batch; the batches are already delivered, so this is not a data error
+                    # (a worker dying while batches are being read still raises in the loop above).
+                    log.debug("DataLoader shutdown: %s", err)
 
 
 def grid_of(batch: PatchDict) -> tuple[int, int]:
