@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from jobs.common import init_ray, parse_config, setup_logging
 from vitok_core import __version__
-from vitok_core.artifacts import is_complete, join, mark_success, read_json, remove, stage_key, write_json
+from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.config import VitokConfig, to_dict
 from vitok_core.ingest import IngestRules, Outcome, process_image
 from vitok_core.variants import parse_variant
@@ -67,11 +67,6 @@ ROWS_PER_GROUP = 256  # ~25 MB of 0.4 MP JPEGs: the unit a streaming loader read
 # ------------------------------------------------------------------------------------------------
 # Settings, key and layout
 # ------------------------------------------------------------------------------------------------
-def absolute(uri: str) -> str:
-    """Local paths become absolute: Ray workers may run in another working directory."""
-    return uri if "://" in uri else os.path.abspath(uri)
-
-
 def ingest_settings(cfg: VitokConfig) -> dict[str, Any]:
     """Everything that decides ingest's output: its section (minus where it is written), budgets, patch size."""
     settings = {k: v for k, v in to_dict(cfg.ingest).items() if k != "root"}

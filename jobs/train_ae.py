@@ -25,7 +25,6 @@ and training continues with the data that follows (the bad stretch is not replay
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -51,7 +50,7 @@ from jobs.train_common import (
     write_metrics,
 )
 from vitok_core import __version__
-from vitok_core.artifacts import is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
 from vitok_core.checkpoint import save_published
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
 from vitok_core.flops import peak_flops, train_flops_per_token
@@ -98,8 +97,7 @@ def train_settings(cfg: VitokConfig, ingest_key: str) -> dict[str, Any]:
 
 def output_uri(cfg: VitokConfig, ingest: IngestOutput) -> str:
     key = stage_key("train_ae", train_settings(cfg, ingest.manifest["key"]), [ingest.manifest["key"]], CODE_VERSION)
-    root = cfg.train.root if "://" in cfg.train.root else os.path.abspath(cfg.train.root)
-    return join(root, "train_ae", key)
+    return join(absolute(cfg.train.root), "train_ae", key)
 
 
 def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:

@@ -20,7 +20,6 @@ with probability flow.label_dropout; warm-up + cosine learning rate; EMA update 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -45,7 +44,7 @@ from jobs.train_common import (
     write_metrics,
 )
 from vitok_core import __version__
-from vitok_core.artifacts import is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
 from vitok_core.flow import EMA, flow_loss
 from vitok_core.loader import LatentLoader, ShardIndex
@@ -99,8 +98,7 @@ def flow_settings(cfg: VitokConfig, cache_key: str) -> dict[str, Any]:
 
 def output_uri(cfg: VitokConfig, cache_key: str) -> str:
     key = stage_key("train_flow", flow_settings(cfg, cache_key), [cache_key], CODE_VERSION)
-    root = cfg.flow.root if "://" in cfg.flow.root else os.path.abspath(cfg.flow.root)
-    return join(root, "train_flow", key)
+    return join(absolute(cfg.flow.root), "train_flow", key)
 
 
 def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
@@ -116,7 +114,7 @@ def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
 
 
 def cache_files(cache: str) -> tuple[pafs.FileSystem, list[str]]:
-    path = join(cache if "://" in cache else os.path.abspath(cache), "data")
+    path = join(absolute(cache), "data")
     filesystem, root = pafs.FileSystem.from_uri(path)
     infos = filesystem.get_file_info(pafs.FileSelector(root))
     return filesystem, sorted(i.path for i in infos if i.path.endswith(".parquet"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import fsspec
@@ -113,15 +116,31 @@ def test_cache_counts_latents_and_stats(setup, cached):
 
 
 def test_crashed_run_reruns_without_duplicates(setup, cached, tmp_path):
-    cfg = config(setup, tmp_path, "cache.fail_at_file=1")
-    with pytest.raises(Exception, match="injected fault"):
-        run_cache(cfg)
-    rerun = run_cache(cfg)
+    # The crashing run is its own driver process (with its own local Ray), as a crashed job would be.
+    folder, base, ingest, _ = setup
+    args = [
+        *base,
+        f"cache.root={tmp_path}",
+        f"cache.ingest={ingest['output']}",
+        f"cache.encoder={folder / 'export'}",
+        "cache.budget=64",
+        "cache.flip=true",
+        "cache.batch_size=4",
+        "cache.fail_at_file=1",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    crashed = subprocess.run(
+        [sys.executable, "-m", "jobs.cache_latents", "--config", "tiny", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert crashed.returncode != 0 and "injected fault" in crashed.stderr + crashed.stdout
+    rerun = run_cache(config(setup, tmp_path, "cache.fail_at_file=1"))  # the fault fires once: a marker
     rows, want = read_cache(rerun["output"]), read_cache(cached["output"])
     key = lambda r: (r["id"], r["flip"])  # noqa: E731
     assert len(rows) == len({key(r) for r in rows}) == 48
     assert sorted(map(key, rows)) == sorted(map(key, want))
-    assert (
-        read_json(join(rerun["output"], "stats.json"))["tokens"]
-        == read_json(join(cached["output"], "stats.json"))["tokens"]
-    )
+    stats = read_json(join(rerun["output"], "stats.json"))
+    assert stats["tokens"] == read_json(join(cached["output"], "stats.json"))["tokens"]

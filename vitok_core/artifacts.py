@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,11 @@ def stage_key(stage: str, settings: Mapping[str, Any], input_keys: Sequence[str]
     payload = {"stage": stage, "settings": settings, "inputs": list(input_keys), "code": code_version}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def absolute(uri: str) -> str:
+    """Local paths become absolute (Ray workers may run in another working directory); URIs stay."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def join(uri: str, *parts: str) -> str:

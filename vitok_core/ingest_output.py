@@ -12,7 +12,6 @@ reads a whole bucket into memory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from vitok_core.artifacts import MANIFEST, SUCCESS, join, read_json
+from vitok_core.artifacts import MANIFEST, SUCCESS, absolute, join, read_json
 
 
 class IngestOutput:
@@ -49,7 +48,7 @@ class IngestOutput:
     def _dataset(self, table: str = "data") -> pads.Dataset:
         # Arrow's own filesystem for the URI: the one the writer used (it may leave directory markers on S3
         # that a generic handler mistakes for files).
-        uri = join(self.uri if "://" in self.uri else os.path.abspath(self.uri), table)
+        uri = join(absolute(self.uri), table)
         filesystem, path = pafs.FileSystem.from_uri(uri)
         partitioning = "hive" if table == "data" else None
         return pads.dataset(path, filesystem=filesystem, format="parquet", partitioning=partitioning)
