@@ -148,8 +148,8 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from jobs.ingest import run as run_ingest
-    from jobs.train_ae import read_metrics
     from jobs.train_ae import run as run_train
+    from jobs.train_common import read_metrics
     from vitok_core.config import load_config
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

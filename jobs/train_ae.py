@@ -45,12 +45,11 @@ from jobs.train_common import (
     import_deepspeed,
     inject_fault,
     load_checkpoint,
-    read_metrics,
     save_checkpoint,
     write_metrics,
 )
 from vitok_core import __version__
-from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_key
 from vitok_core.checkpoint import save_published
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
 from vitok_core.flops import peak_flops, train_flops_per_token
@@ -354,27 +353,18 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     result = fit(
         train_loop, loop_config, out, t.workers, t.use_gpu, t.cpus_per_worker, t.max_failures, t.keep_checkpoints
     )
-    metrics = read_metrics(out)
-    step = metrics[-1]["step"] if metrics else 0
-    manifest = {
-        "stage": "train_ae",
-        "key": out.rstrip("/").rsplit("/", 1)[-1],
-        "output": out,
-        "ingest": ingest.uri,
-        "status": "complete" if step == cfg.train.steps else "paused",
-        "step": step,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "final": metrics[-1] if metrics else {},
-        "export": join(out, "export") if step == cfg.train.steps else None,
-        "config_hash": config_hash(cfg),
-        "wall_s_this_run": time.time() - start,
-        "versions": _versions(),
-        "code_version": CODE_VERSION,
-    }
-    if manifest["status"] == "complete":
-        write_json(join(out, "manifest.json"), manifest)
-        mark_success(out)
-    log.info("train_ae %s: %s at step %d of %d", out, manifest["status"], step, cfg.train.steps)
+    manifest = common.finish(
+        "train_ae",
+        out,
+        cfg.train.steps,
+        result,
+        {"ingest": ingest.uri},
+        config_hash=config_hash(cfg),
+        wall_s_this_run=time.time() - start,
+        versions=_versions(),
+        code_version=CODE_VERSION,
+    )
+    log.info("train_ae %s: %s at step %d of %d", out, manifest["status"], manifest["step"], cfg.train.steps)
     return manifest
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vitok_core.artifacts import join
+from vitok_core.artifacts import join, mark_success, write_json
 
 
 def import_deepspeed() -> Any:
@@ -167,3 +167,27 @@ def fit(
         ),
     )
     return trainer.fit()
+
+
+def finish(stage: str, out: str, total_steps: int, result: Any, inputs: dict[str, Any], **extra: Any) -> dict:
+    """The run's manifest from its metrics: 'complete' (manifest.json + _SUCCESS written) when the last
+    step is done, else 'paused' (nothing written: a rerun resumes)."""
+    metrics = read_metrics(out)
+    step = metrics[-1]["step"] if metrics else 0
+    complete = step == total_steps
+    manifest = {
+        "stage": stage,
+        "key": out.rstrip("/").rsplit("/", 1)[-1],
+        "output": out,
+        **inputs,
+        "status": "complete" if complete else "paused",
+        "step": step,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final": metrics[-1] if metrics else {},
+        "export": join(out, "export") if complete else None,
+        **extra,
+    }
+    if complete:
+        write_json(join(out, "manifest.json"), manifest)
+        mark_success(out)
+    return manifest

@@ -39,12 +39,11 @@ from jobs.train_common import (
     import_deepspeed,
     inject_fault,
     load_checkpoint,
-    read_metrics,
     save_checkpoint,
     write_metrics,
 )
 from vitok_core import __version__
-from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
+from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_key, write_json
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
 from vitok_core.flow import EMA, flow_loss
 from vitok_core.loader import LatentLoader, ShardIndex
@@ -266,28 +265,18 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     result = fit(
         train_loop, loop_config, out, f.workers, f.use_gpu, f.cpus_per_worker, f.max_failures, f.keep_checkpoints
     )
-    metrics = read_metrics(out)
-    step = metrics[-1]["step"] if metrics else 0
-    complete = step == f.steps
-    manifest = {
-        "stage": "train_flow",
-        "key": out.rstrip("/").rsplit("/", 1)[-1],
-        "output": out,
-        "cache": cache,
-        "status": "complete" if complete else "paused",
-        "step": step,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "final": metrics[-1] if metrics else {},
-        "export": join(out, "export") if complete else None,
-        "config_hash": config_hash(cfg),
-        "wall_s_this_run": time.time() - start,
-        "versions": {"vitok": __version__, "torch": torch.__version__},
-        "code_version": CODE_VERSION,
-    }
-    if complete:
-        write_json(join(out, "manifest.json"), manifest)
-        mark_success(out)
-    log.info("train_flow %s: %s at step %d of %d", out, manifest["status"], step, f.steps)
+    manifest = common.finish(
+        "train_flow",
+        out,
+        f.steps,
+        result,
+        {"cache": cache},
+        config_hash=config_hash(cfg),
+        wall_s_this_run=time.time() - start,
+        versions={"vitok": __version__, "torch": torch.__version__},
+        code_version=CODE_VERSION,
+    )
+    log.info("train_flow %s: %s at step %d of %d", out, manifest["status"], manifest["step"], f.steps)
     return manifest
 
 

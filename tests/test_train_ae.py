@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from jobs.ingest import run as run_ingest
-from jobs.train_ae import deepspeed_config, output_uri, read_metrics, train_settings
+from jobs.train_ae import deepspeed_config, output_uri, train_settings
 from jobs.train_ae import run as run_train
+from jobs.train_common import read_metrics
 from tests.ingest_samples import make_training_folder
 from vitok_core.artifacts import is_complete, join
 from vitok_core.checkpoint import load_published

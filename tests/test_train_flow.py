@@ -14,7 +14,7 @@ from safetensors.torch import load as load_bytes
 from jobs.cache_latents import run as run_cache
 from jobs.ingest import run as run_ingest
 from jobs.sample import run as run_sample
-from jobs.train_flow import read_metrics
+from jobs.train_common import read_metrics
 from jobs.train_flow import run as run_flow
 from tests.ingest_samples import make_training_folder
 from vitok_core.artifacts import is_complete, join
