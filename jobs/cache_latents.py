@@ -24,8 +24,6 @@ never writes a row twice. The driver merges the per-file (count, mean, M2) with 
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import logging
 import os
@@ -38,12 +36,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
-from jobs.common import init_ray, parse_config, setup_logging
+from jobs.common import init_ray, map_with_actors, parse_config, setup_logging
 from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
-from vitok_core.checkpoint import load_part_model, read_export_info
+from vitok_core.checkpoint import load_part_model, published_sha256, read_export_info
 from vitok_core.config import VitokConfig, to_dict
 from vitok_core.images import decode_image, to_tensor
 from vitok_core.ingest_output import IngestOutput
@@ -81,20 +78,11 @@ def encoder_uri(cfg: VitokConfig, ingest: IngestOutput) -> str:
     return join(train_output_uri(cfg, ingest), "export")
 
 
-def weights_hash(directory: str) -> str:
-    """SHA-256 of encoder.safetensors: the cache belongs to exactly these weights."""
-    digest = hashlib.sha256()
-    with fsspec.open(join(directory, "encoder.safetensors"), "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_settings(cfg: VitokConfig, encoder: str) -> dict[str, Any]:
     keep = ("budget", "flip", "dtype")
     info = read_export_info(encoder)
     settings = {k: v for k, v in to_dict(cfg.cache).items() if k in keep}
-    return {**settings, "variant": info["variant"], "encoder_sha256": weights_hash(encoder)}
+    return {**settings, "variant": info["variant"], "encoder_sha256": published_sha256(encoder, ["encoder"])}
 
 
 def output_uri(cfg: VitokConfig, ingest: IngestOutput, settings: dict[str, Any]) -> str:
@@ -210,39 +198,6 @@ def done_files(out: str) -> dict[int, dict[str, Any]]:
     return done
 
 
-def _encode_files(
-    todo: list[dict[str, Any]], total: int, done: int, encoder: str, settings: dict, out: str, cfg: VitokConfig
-) -> dict[int, dict[str, Any]]:
-    """Run the encoder actor pool over the files still to do; returns their summaries by file index."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    summaries: dict[int, dict[str, Any]] = {}
-    if not todo:
-        return summaries
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        EncodeFiles,
-        batch_size=1,
-        compute=ActorPoolStrategy(size=min(cfg.cache.actors, len(todo))),
-        fn_constructor_kwargs={
-            "encoder": encoder,
-            "settings": settings,
-            "out": out,
-            "batch_size": cfg.cache.batch_size,
-            "fail_at": cfg.cache.fail_at_file,
-        },
-        num_gpus=1 if cfg.cache.use_gpu else 0,
-        num_cpus=cfg.cache.cpus_per_actor,
-    )
-    with tqdm(total=total, initial=done, unit="file", desc="cache_latents") as bar:
-        for row in ds.iter_rows():
-            summary = json.loads(row["summary"])
-            summaries[summary["index"]] = summary
-            bar.update(1)
-    return summaries
-
-
 def run(cfg: VitokConfig) -> dict[str, Any]:
     """Cache latents (or skip when complete); returns the manifest."""
     ingest = IngestOutput(cfg.cache.ingest or _ingest_uri(cfg))  # before any cluster work
@@ -260,22 +215,29 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     log.info("cache_latents %s: %d ingest files (%d already done), encoder %s", out, len(uris), len(done), encoder)
 
     init_ray()
+    rows = map_with_actors(
+        todo,
+        EncodeFiles,
+        {
+            "encoder": encoder,
+            "settings": settings,
+            "out": out,
+            "batch_size": cfg.cache.batch_size,
+            "fail_at": cfg.cache.fail_at_file,
+        },
+        actors=cfg.cache.actors,
+        cpus_per_actor=cfg.cache.cpus_per_actor,
+        use_gpu=cfg.cache.use_gpu,
+        desc="cache_latents",
+        total=len(uris),
+        done=len(done),
+    )
+    summaries = dict(done)
+    for row in rows:
+        summary = json.loads(row["summary"])
+        summaries[summary["index"]] = summary
     import ray
 
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see jobs/ingest.py
-    summaries = dict(done)
-    failure = None
-    try:
-        summaries.update(_encode_files(todo, len(uris), len(done), encoder, settings, out, cfg))
-    except Exception as err:
-        log.exception("cache_latents: encoding failed")
-        failure = f"cache_latents failed: {type(err).__name__}: {err}"
-    if failure is not None:
-        # Raised outside the except block, so that no traceback keeps the dataset alive: Ray Data shuts a
-        # dataset's executor and its actor pool down when the dataset is collected, and until then the
-        # actors hold their CPUs (a rerun in the same process would wait for them forever).
-        gc.collect()
-        raise RuntimeError(failure)
     stats = ChannelStats(int(next(iter(summaries.values()))["stats"]["channels"]))
     labels: set[str] = set()
     for index in sorted(summaries):

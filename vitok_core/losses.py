@@ -72,35 +72,47 @@ def ssim(pred: Tensor, target: Tensor) -> Tensor:
     )
 
 
+def load_dino(model_name: str, weights: str, key: str, **kwargs: object) -> nn.Module:
+    """A pretrained timm DINO backbone (no classifier): weights from a local file or a timm / Hugging Face
+    hub name; `kwargs` go to timm.create_model (e.g. img_size). Errors name the config `key` to change."""
+    import timm  # heavy import, only for runs that use DINO
+
+    looks_local = os.sep in weights or weights.endswith((".safetensors", ".pth", ".pt", ".bin"))
+    if looks_local and not os.path.exists(weights):
+        raise RuntimeError(f"{key}={weights!r}: the DINO weights file does not exist")
+    try:
+        if os.path.exists(weights):
+            return timm.create_model(
+                model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights}, **kwargs
+            )
+        name = weights if weights.startswith(model_name) or weights.startswith("hf-hub:") else f"{model_name}.{weights}"
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except Exception as err:  # network, gated repo, wrong file: say which setting to change
+        raise RuntimeError(
+            f"{key}={weights!r}: could not load DINO weights for {model_name}: {err}. Set {key} to a local checkpoint"
+        ) from err
+
+
+def random_dino(model_name: str, **kwargs: object) -> nn.Module:
+    """The architecture with random weights (tests, offline smoke runs): NOT a perceptual network."""
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+
+
 def build_dino_backbone(model_name: str, weights: str, pretrained: bool) -> nn.Module:
-    """A timm DINOv3 backbone: weights from a local file or a timm / Hugging Face hub name.
-
-    `pretrained=False` builds the architecture with random weights (tests, offline smoke runs).
-    """
-    import timm  # heavy import, only for runs that use the perceptual loss
-
+    """The perceptual loss's DINOv3 (loss.dino_*); `pretrained=False` builds it with random weights."""
     if not pretrained:
         warnings.warn(
             f"DINO perceptual loss uses a randomly initialised {model_name} (loss.dino_pretrained=false): "
             "it is NOT a perceptual loss and its numbers are not comparable to the paper's",
             stacklevel=2,
         )
-        return timm.create_model(model_name, pretrained=False, num_classes=0)
-    looks_local = os.sep in weights or weights.endswith((".safetensors", ".pth", ".pt", ".bin"))
-    if looks_local and not os.path.exists(weights):
-        raise RuntimeError(f"DINO weights file {weights!r} does not exist (loss.dino_weights)")
+        return random_dino(model_name)
     try:
-        if os.path.exists(weights):
-            return timm.create_model(
-                model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights}
-            )
-        name = weights if weights.startswith(model_name) or weights.startswith("hf-hub:") else f"{model_name}.{weights}"
-        return timm.create_model(name, pretrained=True, num_classes=0)
-    except Exception as err:  # network, gated repo, wrong file: say which setting to change
-        raise RuntimeError(
-            f"could not load DINO weights {weights!r} for {model_name}: {err}. Set loss.dino_weights to a local "
-            "checkpoint file, or loss.dino_pretrained=false for a run without a perceptual loss"
-        ) from err
+        return load_dino(model_name, weights, "loss.dino_weights")
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}, or loss.dino_pretrained=false for a run without a perceptual loss") from err
 
 
 class DinoPerceptualLoss(nn.Module):

