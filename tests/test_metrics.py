@@ -10,7 +10,15 @@ from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from vitok_core.demo import load_demo_images
-from vitok_core.metrics import FeatureStats, fid_inception_weights, fid_metric, frechet_distance, psnr, ssim_image
+from vitok_core.metrics import (
+    FeatureStats,
+    fid_inception_weights,
+    fid_metric,
+    frechet_distance,
+    frechet_distance_of,
+    psnr,
+    ssim_image,
+)
 
 
 @pytest.mark.parametrize(("h", "w"), [(201, 299), (97, 131), (150, 61)])
@@ -70,3 +78,25 @@ def test_fid_inception_reproduces_the_torchmetrics_example(tmp_path):
     fid.update(fake, real=False)
     assert float(fid.compute()) == pytest.approx(12.6388, abs=5e-5)
     assert fid_inception_weights(str(tmp_path)).endswith(".pth")  # cached: converted once
+
+
+def test_small_sets_take_the_exact_low_rank_path():
+    # Fewer vectors than dimensions: the nuclear-norm path equals the d x d sqrtm reference and the
+    # streaming path (keep_rows=0 forces it) on the same data.
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(24, 96)), rng.normal(loc=0.2, size=(31, 96)) * 1.5
+    small, large = (FeatureStats(96), FeatureStats(96)), (FeatureStats(96, keep_rows=0), FeatureStats(96, keep_rows=0))
+    for stats in (small, large):
+        for block in np.array_split(a, 5):
+            stats[0].update(block)
+        stats[1].update(b)
+    assert small[0].rows is not None and large[0].rows is None
+    want = reference_fd(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance_of(*small) == pytest.approx(want, rel=1e-6)
+    assert frechet_distance_of(*large) == pytest.approx(want, rel=1e-4)
+    merged = FeatureStats(96)
+    merged.merge(small[0])
+    assert merged.rows.shape == (24, 96) and frechet_distance_of(merged, small[1]) == pytest.approx(want, rel=1e-6)
+    beyond = FeatureStats(4, keep_rows=10)
+    beyond.update(rng.normal(size=(11, 4)))
+    assert beyond.rows is None  # past keep_rows only the statistics remain
