@@ -1,4 +1,5 @@
-# vitok: one command to set up and run the demo, one to set up and run the tests.
+# vitok: one command to set up and run the pipeline, one to set up and run the tests.
+#   make run    - create .venv, install, run the whole DAG (tiny preset, local Ray, ./runs, demo photos)
 #   make demo   - create .venv, install, overfit the tiny model on real photos and print PSNR
 #   make test   - create .venv, install, lint + format check + the whole test suite
 #   make bench  - benchmarks (prints tables; see benchmarks/)
@@ -9,7 +10,7 @@ PIP := $(PY) -m pip
 # torch first, alone: pip then takes the wheel from this machine's disk instead of resolving a fresh one.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint run demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,9 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
+run: setup
+	$(VENV)/bin/vitok run
+
 demo: setup
 	$(PY) -m vitok_core.demo --config tiny
 
@@ -35,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_train_ae.py
 	$(PY) benchmarks/bench_cache_latents.py
+	$(PY) benchmarks/bench_evaluate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .prefect

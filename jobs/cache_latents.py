@@ -198,12 +198,21 @@ def done_files(out: str) -> dict[int, dict[str, Any]]:
     return done
 
 
-def run(cfg: VitokConfig) -> dict[str, Any]:
-    """Cache latents (or skip when complete); returns the manifest."""
-    ingest = IngestOutput(cfg.cache.ingest or _ingest_uri(cfg))  # before any cluster work
+def plan(cfg: VitokConfig) -> tuple[IngestOutput, str, dict[str, Any], str]:
+    """(ingest output, encoder directory, settings, output URI); reads only the inputs' markers and weights."""
+    ingest = IngestOutput(cfg.cache.ingest or _ingest_uri(cfg))
     encoder = encoder_uri(cfg, ingest)
     settings = cache_settings(cfg, encoder)
-    out = output_uri(cfg, ingest, settings)
+    return ingest, encoder, settings, output_uri(cfg, ingest, settings)
+
+
+def planned_output(cfg: VitokConfig) -> str:
+    return plan(cfg)[3]
+
+
+def run(cfg: VitokConfig) -> dict[str, Any]:
+    """Cache latents (or skip when complete); returns the manifest."""
+    ingest, encoder, settings, out = plan(cfg)  # before any cluster work
     if is_complete(out):
         log.info("cache_latents %s is complete; skipped", out)
         return read_json(join(out, "manifest.json"))

@@ -428,28 +428,47 @@ def train_metrics(autoencoder: str) -> list[dict]:
     return read_metrics(parts[0]) if len(parts) == 2 and parts[1] == "export" else []
 
 
+def plan(cfg: VitokConfig) -> dict[str, Any]:
+    """Everything run() needs before cluster work: models, their export info, the eval set and its tasks,
+    the samples, the compared runs, the key's inputs and the output URI. Checks every input exists."""
+    e = cfg.evaluate
+    models = models_of(cfg)
+    infos = {name: read_export_info(uri) for name, uri in models.items()}
+    specs = {name: parse_variant(str(info["variant"])) for name, info in infos.items()}
+    eval_set, image_tasks = list_images(cfg)
+    samples = samples_uri(cfg)
+    inputs = [f"{name}:{published_sha256(uri)}" for name, uri in models.items()]
+    inputs += [f"data:{eval_set['identity']}", f"samples:{file_sha256(samples) if samples else ''}"]
+    return {
+        "models": models,
+        "infos": infos,
+        "ratios": {name: compression_ratio(spec.patch_size, spec.channels) for name, spec in specs.items()},
+        "patch": specs["ae"].patch_size,
+        "eval_set": eval_set,
+        "image_tasks": image_tasks,
+        "samples": samples,
+        "sample_tasks": list_samples(samples, e.images_per_task) if samples else [],
+        "compare": [read_json(join(uri, "metrics.json")) for uri in e.compare],
+        "inputs": inputs,
+        "out": output_uri(cfg, inputs),
+    }
+
+
+def planned_output(cfg: VitokConfig) -> str:
+    return plan(cfg)["out"]
+
+
 def run(cfg: VitokConfig) -> dict[str, Any]:
     """Evaluate (or skip when complete); returns the manifest."""
     e = cfg.evaluate
-    models = models_of(cfg)  # every input is checked before any cluster work
-    infos = {name: read_export_info(uri) for name, uri in models.items()}
-    ratios = {}
-    for name, info in infos.items():
-        spec = parse_variant(str(info["variant"]))
-        ratios[name] = compression_ratio(spec.patch_size, spec.channels)
-    patch = parse_variant(str(infos["ae"]["variant"])).patch_size
-    eval_set, image_tasks = list_images(cfg)
-    samples = samples_uri(cfg)
-    sample_tasks = list_samples(samples, e.images_per_task) if samples else []
-    compare = [read_json(join(uri, "metrics.json")) for uri in e.compare]
-    inputs = [f"{name}:{published_sha256(uri)}" for name, uri in models.items()]
-    inputs += [f"data:{eval_set['identity']}", f"samples:{file_sha256(samples) if samples else ''}"]
-    out = output_uri(cfg, inputs)
+    p = plan(cfg)  # every input is checked before any cluster work
+    models, infos, ratios, eval_set, samples = p["models"], p["infos"], p["ratios"], p["eval_set"], p["samples"]
+    sample_tasks, inputs, out = p["sample_tasks"], p["inputs"], p["out"]
     if is_complete(out):
         log.info("evaluate %s is complete; skipped", out)
         return read_json(join(out, "manifest.json"))
     start = time.time()
-    tasks = [{**t, "index": i} for i, t in enumerate(image_tasks + sample_tasks)]
+    tasks = [{**t, "index": i} for i, t in enumerate(p["image_tasks"] + sample_tasks)]
     done = _staged(out)
     todo = [{"task": json.dumps(t)} for t in tasks if t["index"] not in done]
     log.info("evaluate %s: %d images, %d samples tasks, %d of %d tasks staged", out, eval_set["images"],
@@ -487,14 +506,14 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         "autoencoder": {"uri": models["ae"], "variant": infos["ae"]["variant"], "compression": ratios["ae"]},
         "baselines": {n: {"uri": u, "variant": infos[n]["variant"]} for n, u in models.items() if n != "ae"},
         "eval_set": {**eval_set, "rejected": len(rejected), "scored": len({r["id"] for r in per_image})},
-        "settings": [{**to_dict(s), "budget": setting_budget(to_dict(s), patch)} for s in e.settings],
+        "settings": [{**to_dict(s), "budget": setting_budget(to_dict(s), p["patch"])} for s in e.settings],
         "extractors": extractors,
         "results": results,
         "generation": generation,
         "definitions": DEFINITIONS,
         "versions": {"vitok": __version__, "ray": ray.__version__, "torch": torch.__version__},
     }
-    figures = write_figures(out, metrics, kept, train_metrics(models["ae"]), compare)
+    figures = write_figures(out, metrics, kept, train_metrics(models["ae"]), p["compare"])
     metrics["figures"] = figures
     write_json(join(out, "metrics.json"), metrics)
     with fsspec.open(join(out, "report.md"), "w") as f:

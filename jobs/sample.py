@@ -55,21 +55,38 @@ def decode_latents(decoder: torch.nn.Module, z: torch.Tensor, rows: int, cols: i
     return unpatchify(patches, positions, p)
 
 
+def sample_settings(cfg: VitokConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg.flow.sample).items() if k != "out"}
+
+
+def output_uri(cfg: VitokConfig, flow_out: str) -> str:
+    """flow.sample.out, else {flow run}/samples/{hash of the sampling settings}."""
+    key = stage_key("sample", sample_settings(cfg), [flow_out], "sample-1")
+    return cfg.flow.sample.out or join(flow_out, "samples", key)
+
+
+def planned_output(cfg: VitokConfig) -> str:
+    from jobs.train_flow import planned_output as flow_output
+
+    return output_uri(cfg, flow_output(cfg))
+
+
 def run(cfg: VitokConfig) -> dict[str, Any]:
-    from jobs.train_flow import cache_uri, open_cache, output_uri
+    from jobs.train_flow import cache_uri, open_cache
+    from jobs.train_flow import output_uri as flow_output_uri
 
     s = cfg.flow.sample
     cache = cache_uri(cfg)
     opened = open_cache(cache)
-    flow_out = output_uri(cfg, opened["manifest"]["key"])
+    flow_out = flow_output_uri(cfg, opened["manifest"]["key"])
     model, info = load_flow(join(flow_out, "export"))
     decoder = load_part_model(s.decoder or opened["manifest"]["encoder"], "decoder")
     classes = list(s.classes) or list(info["classes"])
     unknown = sorted(set(classes) - set(info["classes"]))
     if unknown:
         raise ValueError(f"flow.sample.classes: {unknown} are not classes of the model ({info['classes']})")
-    settings = {k: v for k, v in to_dict(s).items() if k != "out"}
-    out = s.out or join(flow_out, "samples", stage_key("sample", settings, [flow_out], "sample-1"))
+    settings = sample_settings(cfg)
+    out = output_uri(cfg, flow_out)
     mean = torch.tensor(info["latent_mean"])
     std = torch.tensor(info["latent_std"])
     labels = [info["classes"].index(c) for c in classes for _ in range(s.per_class)]

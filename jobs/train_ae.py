@@ -99,6 +99,10 @@ def output_uri(cfg: VitokConfig, ingest: IngestOutput) -> str:
     return join(absolute(cfg.train.root), "train_ae", key)
 
 
+def planned_output(cfg: VitokConfig) -> str:
+    return output_uri(cfg, IngestOutput(ingest_uri(cfg)))
+
+
 def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
     t = cfg.train
     return common.micro_batch_and_accumulation(t.batch_size, t.micro_batch_size, t.workers)

@@ -247,6 +247,10 @@ def train_loop(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
+def planned_output(cfg: VitokConfig) -> str:
+    return output_uri(cfg, open_cache(cache_uri(cfg))["manifest"]["key"])
+
+
 def run(cfg: VitokConfig) -> dict[str, Any]:
     """Train (or resume, or skip when finished); returns the manifest (status 'paused' on stop_at_step)."""
     cache = cache_uri(cfg)

@@ -258,6 +258,20 @@ class EvalConfig:
 
 
 @dataclass
+class OrchestrateConfig:
+    """How pipelines/ runs the stages (not part of any stage's key)."""
+
+    mode: str = "local"  # local: in-process job against a local Ray | cluster: Ray Jobs API at `address`
+    address: str = ""  # cluster mode: the Ray dashboard / Jobs API, e.g. http://HEAD:8265
+    working_dir: str = "."  # cluster mode: uploaded as the job's runtime_env working_dir ("" = none: use image)
+    image: str = ""  # cluster mode: container image for the job's runtime_env (image_uri); "" = the cluster's
+    entrypoint_cpus: float = 1.0  # cluster mode: CPUs reserved for each stage's driver process
+    entrypoint_gpus: float = 0.0
+    poll_s: float = 2.0  # cluster mode: seconds between status checks while streaming logs
+    demo_photos: bool = True  # an empty ingest.source means the demo photos of installed packages
+
+
+@dataclass
 class VitokConfig:
     name: str = "350m"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -269,6 +283,7 @@ class VitokConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    orchestrate: OrchestrateConfig = field(default_factory=OrchestrateConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -476,6 +491,9 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "cache.cpus_per_actor", lambda v: v >= 0, ">= 0")
     _batch_rule(cfg, "train")
     _validate_evaluate(cfg)
+    _rule(cfg, "orchestrate.mode", lambda v: v in ("local", "cluster"), "'local' or 'cluster'")
+    if cfg.orchestrate.mode == "cluster":
+        _rule(cfg, "orchestrate.address", lambda v: bool(v), "a Ray Jobs address (http://HEAD:8265) in cluster mode")
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:
         raise ConfigError("loss.dino_weights='': a pretrained DINO needs a local path or hub name")
 

@@ -45,6 +45,42 @@ def demo_photo_paths() -> list[Path]:
     return paths
 
 
+DEMO_ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3)
+
+
+def write_demo_folder(root: Path, per_photo: int = 12, seed: int = 0) -> list[Path]:
+    """The pipeline's embedded demo data set: `per_photo` deterministic crops of each demo photo (random
+    box of a common aspect ratio, 50-100% of the largest, short side 160-320 px) as JPEGs under
+    `root/<photo name>/`, so that the photo name is the class. Written once; an existing complete folder
+    is kept as it is (its files, and so the ingest key, stay the same)."""
+    import numpy as np
+    from PIL import Image
+
+    done = root / "_COMPLETE"
+    if done.is_file():
+        return sorted(root.glob("*/*.jpg"))
+    rng = np.random.default_rng(seed)
+    paths = []
+    for photo_path in demo_photo_paths():
+        with Image.open(photo_path) as img:
+            photo = img.convert("RGB")
+        (root / photo_path.stem).mkdir(parents=True, exist_ok=True)
+        for i in range(per_photo):
+            aspect = DEMO_ASPECTS[i % len(DEMO_ASPECTS)]
+            w, h = photo.size
+            box_w, box_h = (h * aspect, h) if w / h > aspect else (w, w / aspect)
+            scale = rng.uniform(0.5, 1.0)
+            box_w, box_h = round(box_w * scale), round(box_h * scale)
+            left, top = int(rng.integers(0, w - box_w + 1)), int(rng.integers(0, h - box_h + 1))
+            short = int(rng.integers(160, 321))
+            size = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+            crop = photo.crop((left, top, left + box_w, top + box_h)).resize(size, Image.Resampling.LANCZOS)
+            paths.append(root / photo_path.stem / f"{photo_path.stem}_{i:03d}.jpg")
+            crop.save(paths[-1], "JPEG", quality=92)
+    done.write_text("")
+    return paths
+
+
 def load_demo_images() -> list[torch.Tensor]:
     return [to_tensor(decode_image(p.read_bytes())) for p in demo_photo_paths()]
 

@@ -1,0 +1,112 @@
+"""A stage as a Ray job on a cluster, through the Ray Jobs API (`JobSubmissionClient`), free of Prefect.
+
+The submission id is `vitok-<stage>-<key>-<attempt>`: a retry of the same stage finds the job it already
+submitted and attaches to it (while it is pending or running) instead of starting a twin; once an attempt
+has ended, the next one gets the next number. Logs are polled and handed to a
+callback line by line; `should_stop` lets the caller (a Prefect task watching for cancellation) stop
+the job, which is also stopped when the waiting process is interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vitok_core.config import VitokConfig
+
+# Left out of an uploaded working_dir: environments, data caches, local runs (Ray also skips .gitignore'd files).
+EXCLUDES = [".venv", ".data", "runs", ".git", "benchmarks/results", "**/__pycache__"]
+_ACTIVE = ("PENDING", "RUNNING")
+
+
+def runtime_env(cfg: VitokConfig) -> dict[str, Any]:
+    o = cfg.orchestrate
+    env: dict[str, Any] = {}
+    if o.working_dir:
+        env["working_dir"] = o.working_dir
+        env["excludes"] = EXCLUDES
+    if o.image:
+        env["image_uri"] = o.image
+    return env
+
+
+def _status(client: Any, submission_id: str) -> str | None:
+    try:
+        return str(client.get_job_status(submission_id).value)
+    except Exception as err:  # the Jobs API answers an unknown id with an error
+        if "does not exist" in str(err) or "not found" in str(err).lower():
+            return None
+        raise
+
+
+def submit_or_attach(client: Any, stage: str, key: str, command: str, cfg: VitokConfig) -> tuple[str, bool]:
+    """(submission id, attached): the running attempt of this stage and key, else a new submission."""
+    attempt = 0
+    while True:
+        submission_id = f"vitok-{stage}-{key}-{attempt}"
+        status = _status(client, submission_id)
+        if status is None:
+            break
+        if status in _ACTIVE:
+            return submission_id, True
+        attempt += 1  # ended (the caller found the artifact incomplete: failed, stopped, paused or forced)
+    client.submit_job(
+        entrypoint=command,
+        submission_id=submission_id,
+        runtime_env=runtime_env(cfg),
+        entrypoint_num_cpus=cfg.orchestrate.entrypoint_cpus,
+        entrypoint_num_gpus=cfg.orchestrate.entrypoint_gpus,
+        metadata={"vitok_stage": stage, "vitok_key": key},
+    )
+    return submission_id, False
+
+
+def wait(
+    client: Any,
+    submission_id: str,
+    log: Callable[[str], None],
+    should_stop: Callable[[], bool] = lambda: False,
+    poll_s: float = 2.0,
+) -> str:
+    """Stream the job's logs until it ends; returns its final status. Stops the job when `should_stop()`
+    says so or when this process is interrupted (KeyboardInterrupt, a termination signal)."""
+    shown = 0
+    try:
+        while True:
+            status = _status(client, submission_id)
+            logs = client.get_job_logs(submission_id)
+            for line in logs[shown:].splitlines():
+                log(line)
+            shown = len(logs)
+            if status not in _ACTIVE:
+                return str(status)
+            if should_stop():
+                client.stop_job(submission_id)
+                log(f"stopped Ray job {submission_id} (the flow run was cancelled)")
+            time.sleep(poll_s)
+    except BaseException:
+        if _status(client, submission_id) in _ACTIVE:
+            client.stop_job(submission_id)
+        raise
+
+
+def run_on_cluster(
+    stage: str,
+    key: str,
+    command: str,
+    cfg: VitokConfig,
+    log: Callable[[str], None],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> str:
+    """Submit (or attach to) the stage's Ray job and wait for it; returns the submission id. Raises
+    RuntimeError when the job does not succeed."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cfg.orchestrate.address)
+    submission_id, attached = submit_or_attach(client, stage, key, command, cfg)
+    log(f"{'attached to' if attached else 'submitted'} Ray job {submission_id}: {command}")
+    status = wait(client, submission_id, log, should_stop, cfg.orchestrate.poll_s)
+    if status != "SUCCEEDED":
+        raise RuntimeError(f"Ray job {submission_id} ended {status}")
+    return submission_id

@@ -1,0 +1,38 @@
+"""Prefect deployments: the whole DAG and each stage, served from this process to a Prefect server so that
+a user starts them from the UI with typed parameters (preset, overrides, stages, force).
+
+    prefect server start --host 127.0.0.1        # the UI on http://127.0.0.1:4200
+    PREFECT_API_URL=http://127.0.0.1:4200/api vitok serve
+    prefect deployment run 'vitok-pipeline/pipeline' -p preset=tiny
+
+For work pools (Kubernetes or process workers) see infra/prefect/prefect.yaml: the same two entrypoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.flows import full_pipeline, run_stage
+from pipelines.stages import STAGES
+
+
+def deployments() -> list[Any]:
+    """`vitok-pipeline/pipeline` (the DAG) and `vitok-stage/<stage>` for each stage."""
+    dag = "ingest -> train_ae -> cache_latents -> train_flow -> evaluate; done stages are skipped"
+    found = [full_pipeline.to_deployment(name="pipeline", description=dag, tags=["vitok"])]
+    for stage in STAGES:
+        found.append(
+            run_stage.to_deployment(
+                name=stage,
+                parameters={"stage": stage},
+                description=f"the {stage} stage alone (its inputs must exist)",
+                tags=["vitok", stage],
+            )
+        )
+    return found
+
+
+def serve() -> None:
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments())

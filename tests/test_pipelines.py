@@ -1,0 +1,248 @@
+"""The Prefect DAG for real: local Ray, Prefect's test harness, every stage at tiny size.
+
+One module-scoped run root carries the story: a `vitok run` killed during train_ae, the rerun (ingest
+skipped, train_ae resumed from its checkpoint), a second run (everything skipped), a changed train_ae
+key (train_ae and downstream rerun, ingest not), a forced evaluate (only evaluate reruns). Then bad
+configs, a stage through the Ray Jobs API on a real `ray start --head` cluster (and a cancelled flow run
+stopping its Ray job), and the whole DAG on S3 (moto on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import stages
+from pipelines.flows import full_pipeline, run_stage
+from tests.ingest_samples import make_training_folder
+from vitok_core.artifacts import is_complete, join, read_json
+from vitok_core.config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+# The tiny preset cut to seconds per stage: 64 tokens, a few steps, one evaluation setting.
+FAST = [
+    "data.budgets=[64]",
+    "data.budget_switch=[]",
+    "train.steps=6",
+    "train.batch_size=4",
+    "train.checkpoint_every=2",
+    "train.log_every=2",
+    "flow.steps=4",
+    "flow.batch_size=8",
+    "flow.checkpoint_every=4",
+    "flow.log_every=2",
+    "flow.sample.per_class=1",
+    "flow.sample.rows=4",
+    "flow.sample.cols=4",
+    "flow.sample.steps=2",
+    "evaluate.settings=[{name: 64p, size: 64, mode: center_crop}]",
+    "evaluate.generation_setting=64p",
+    "evaluate.max_images=8",
+    "evaluate.images_per_task=4",
+]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dag") / "photos"
+    make_training_folder(folder, n=16)
+    return folder
+
+
+def args_for(photos: Path, root: str, *extra: str) -> list[str]:
+    roots = [f"{key}={root}" for key in stages.ROOTS.values()]
+    return [f"ingest.source={photos}", "ingest.label_from=folder", *roots, *FAST, *extra]
+
+
+def outputs(overrides: list[str]) -> dict[str, str]:
+    cfg = load_config("tiny", overrides)
+    return {stage: stages.planned_output(stage, cfg) for stage in stages.STAGES}
+
+
+def ran(results: dict) -> list[str]:
+    return [stage for stage, manifest in results.items() if not manifest["skipped"]]
+
+
+def test_dag_crash_resume_skip_rerun_downstream_and_force(ray_local, prefect_harness, photos, tmp_path):
+    root = str(tmp_path / "runs")
+    overrides = args_for(photos, root)
+    # A `vitok run` killed while train_ae trains (after its first checkpoint).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "run", "--preset", "tiny", *overrides],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    train_dir = tmp_path / "runs" / "train_ae"
+    deadline = time.time() + 600
+    # Step 4's lines are written after step 2's checkpoint was reported: a checkpoint to resume from exists.
+    while time.time() < deadline and not list(train_dir.glob("*/metrics/step-00000004.jsonl")):
+        assert driver.poll() is None, "the pipeline ended before train_ae checkpointed"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the flow, its local Ray and the training workers
+    driver.wait()
+    [first_lines] = list(train_dir.glob("*/metrics/step-00000002.jsonl"))
+    written = first_lines.stat().st_mtime_ns
+    assert is_complete(outputs(overrides)["ingest"]) and not list(train_dir.glob("*/_SUCCESS"))
+
+    results = full_pipeline("tiny", overrides)
+    assert ran(results) == ["train_ae", "cache_latents", "train_flow", "evaluate"]  # ingest was done
+    assert results["train_ae"]["status"] == "complete" and results["train_ae"]["step"] == 6
+    # Resumed, not restarted: the killed run's lines of steps 1-2 were kept.
+    assert first_lines.stat().st_mtime_ns == written
+    assert sorted(p.name for p in first_lines.parent.iterdir())[-1] == "step-00000006.jsonl"
+    paths = outputs(overrides)
+    assert all(is_complete(uri) for uri in paths.values())
+    metrics = read_json(join(paths["evaluate"], "metrics.json"))
+    assert metrics["generation"] and metrics["generation"][0]["images"] == 4  # 4 classes x 1 sample
+    assert Path(paths["evaluate"], "report.md").is_file()
+
+    started = time.time()
+    again = full_pipeline("tiny", overrides)
+    assert ran(again) == [] and time.time() - started < 60
+    assert {s: m["output"] for s, m in again.items()} == paths
+
+    changed = [*overrides, "optim.lr=2e-3"]
+    rerun = full_pipeline("tiny", changed)
+    assert ran(rerun) == ["train_ae", "cache_latents", "train_flow", "evaluate"]
+    new_paths = outputs(changed)
+    assert new_paths["ingest"] == paths["ingest"]
+    assert all(new_paths[s] != paths[s] for s in stages.STAGES[1:])
+
+    forced = full_pipeline("tiny", changed, force=["evaluate"])
+    assert ran(forced) == ["evaluate"] and forced["evaluate"]["output"] == new_paths["evaluate"]
+
+
+def test_bad_config_fails_before_any_ray_work(prefect_harness, photos, tmp_path):
+    import ray
+
+    was_running = ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        full_pipeline("tiny", ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        full_pipeline("tiny", ["train.steps=many"])
+    with pytest.raises(FileNotFoundError, match=r"ingest\.source"):
+        full_pipeline("tiny", [f"ingest.source={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError):  # evaluate alone, with no ingest output to evaluate on
+        run_stage("evaluate", "tiny", args_for(photos, str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="unknown stage"):
+        full_pipeline("tiny", stages=["ingest", "trian_ae"])
+    assert ray.is_initialized() == was_running
+    assert not (tmp_path / "empty").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real Ray cluster head on 127.0.0.1 (its own process group, stopped by its process id)."""
+    port, dashboard = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(2)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_cluster_mode_submits_attaches_and_stops_on_cancel(prefect_harness, ray_head, photos, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+    from ray.job_submission import JobSubmissionClient
+
+    cluster = ["orchestrate.mode=cluster", f"orchestrate.address={ray_head}", f"orchestrate.working_dir={REPO}"]
+    overrides = args_for(photos, str(tmp_path / "runs"), *cluster)
+    manifest = run_stage("ingest", "tiny", overrides)
+    key = manifest["key"]
+    assert is_complete(manifest["output"]) and manifest["counts"]["accepted"] == 16
+    client = JobSubmissionClient(ray_head)
+    jobs = [j for j in client.list_jobs() if (j.submission_id or "").startswith("vitok-ingest-")]
+    assert [j.submission_id for j in jobs] == [f"vitok-ingest-{key}-0"]
+    assert str(jobs[0].status.value) == "SUCCEEDED"
+    assert run_stage("ingest", "tiny", overrides)["skipped"]  # done: no second job
+    assert len([j for j in client.list_jobs() if (j.submission_id or "").startswith("vitok-ingest-")]) == 1
+
+    # A long train_ae job, and the flow run cancelled while it runs: the Ray job is stopped.
+    long = [*overrides, "train.steps=2000", "train.checkpoint_every=1000"]
+    state = {}
+
+    def run_flow() -> None:
+        try:
+            run_stage("train_ae", "tiny", long)
+        except BaseException as err:  # the cancelled flow ends with an error: what matters is the Ray job
+            state["error"] = err
+
+    thread = threading.Thread(target=run_flow, daemon=True)
+    thread.start()
+    deadline, job = time.time() + 300, None
+    while time.time() < deadline and job is None:
+        running = [j for j in client.list_jobs() if (j.submission_id or "").startswith("vitok-train_ae-")]
+        job = next((j for j in running if str(j.status.value) == "RUNNING"), None)
+        time.sleep(1)
+    assert job is not None, "the train_ae job did not start"
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_flow_runs()
+        flow_run = next(r for r in runs if r.state and r.state.type == StateType.RUNNING)
+        prefect.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and str(client.get_job_status(job.submission_id).value) not in ("STOPPED",):
+        time.sleep(1)
+    assert str(client.get_job_status(job.submission_id).value) == "STOPPED"
+    thread.join(timeout=120)
+    assert "error" in state
+
+
+def test_whole_dag_on_s3(ray_local, prefect_harness, s3_endpoint, photos):
+    bucket = s3_endpoint("vitok-dag")
+    overrides = args_for(photos, f"s3://{bucket}/runs", "train.checkpoint_every=6")
+    results = full_pipeline("tiny", overrides)
+    assert ran(results) == list(stages.STAGES)
+    for stage, manifest in results.items():
+        assert manifest["output"].startswith(f"s3://{bucket}/runs/{stage}/") and is_complete(manifest["output"])
+    assert ran(full_pipeline("tiny", overrides)) == []
