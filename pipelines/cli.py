@@ -158,7 +158,15 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options (argparse alone fills the positional list
+    # from the first run of positionals only).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         sys.exit(args.func(args))
     except (ConfigError, FileNotFoundError, ValueError) as err:

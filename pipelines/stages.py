@@ -52,7 +52,7 @@ def resolve_overrides(preset: str, overrides: Sequence[str]) -> list[str]:
 
         folder = Path(absolute(".data/demo_photos"))
         write_demo_folder(folder)
-        resolved.append(f"ingest.source={folder}")
+        resolved += [f"ingest.source={folder}", "ingest.label_from=folder"]  # the photo name is the class
     return resolved
 
 

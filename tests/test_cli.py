@@ -26,6 +26,10 @@ def test_config_show_and_errors(capsys):
     assert "unknown stage" in str(exit_.value.code)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--preset", "tiny", "--config", "x.yaml"])  # one or the other
+    with pytest.raises(SystemExit) as exit_:  # overrides after the options are overrides too
+        main(["config", "show", "evaluate.keep=3", "--preset", "tiny", "train.steps=9"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "keep: 3" in out and "steps: 9" in out
 
 
 def test_status_lists_stage_outputs(tmp_path, capsys):
