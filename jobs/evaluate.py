@@ -77,7 +77,8 @@ DEFINITIONS = {
     "averaged over images",
     "ssim": "SSIM per image (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, data range 2), averaged over images",
     "rfid": "Frechet distance between Inception features of the reference images and of the reconstructions "
-    "(float64 mean/covariance, sqrtm)",
+    "(float64 streaming mean/covariance; sqrtm, or the exact low-rank form when a set is smaller than the "
+    "feature dimension)",
     "rfdd": "Frechet distance in DINO feature space (rfdd_dinov2: dgm-eval's ViT-L/14 at 224; rfdd_dinov3: the "
     "reference code's ViT-B/16 at 512)",
     "gfid": "Frechet distance between Inception features of generated samples and of the reference images of "

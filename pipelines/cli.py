@@ -42,8 +42,8 @@ def _print_evaluation(results: dict[str, Any]) -> None:
         return
     print(f"evaluation report: {evaluation['report']}")
     for row in evaluation.get("headline", []):
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()]
-        print("  " + ", ".join(parts))
+        values = [(k, row.get(k)) for k in ("setting", "images", "psnr", "ssim", "rfid") if row.get(k) is not None]
+        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

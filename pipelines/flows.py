@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines import stages as dag
-from vitok_core.artifacts import is_complete, join
+from vitok_core.artifacts import is_complete, join, read_json
 from vitok_core.config import VitokConfig, load_config
 
 
@@ -62,10 +62,25 @@ def _publish(stage: str, manifest: dict[str, Any], out: str) -> None:
     create_table_artifact([{"field": k, "value": str(v)} for k, v in flat.items()], key=key)
     create_link_artifact(out if "://" in out else f"file://{out}", link_text=f"{stage} output", key=f"{key}-output")
     if stage == "evaluate":
-        import fsspec
+        create_markdown_artifact(_report_with_plots(out), key="vitok-evaluate-report", description="evaluation report")
 
-        with fsspec.open(join(out, "report.md"), "r") as f:
-            create_markdown_artifact(f.read(), key="vitok-evaluate-report", description="evaluation report")
+
+def _report_with_plots(out: str, max_bytes: int = 400_000) -> str:
+    """report.md with its figures inlined as data URIs (the UI cannot follow paths relative to the report);
+    figures larger than `max_bytes` become links to the file."""
+    import base64
+
+    import fsspec
+
+    with fsspec.open(join(out, "report.md"), "r") as f:
+        text = f.read()
+    for rel in read_json(join(out, "metrics.json")).get("figures", {}).values():
+        with fsspec.open(join(out, rel), "rb") as f:
+            data = f.read()
+        uri = join(out, rel)
+        inline = f"data:image/png;base64,{base64.b64encode(data).decode()}" if len(data) <= max_bytes else uri
+        text = text.replace(f"]({rel})", f"]({inline})")
+    return text
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)

@@ -1,10 +1,9 @@
-"""The evaluate stage on a real local Ray: a tiny autoencoder on real photos, from a local folder (with a
-corrupt file, a crash and a rerun) and entirely on S3 (moto on 127.0.0.1)."""
+"""The evaluate stage on a real local Ray: a tiny autoencoder on real photos from a local folder, with a
+corrupt file, a crash and a rerun. (On S3 it runs inside the pipeline test, tests/test_pipelines.py.)"""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -131,36 +130,3 @@ def test_local_run_with_crash_rerun_and_skip(setup, tmp_path):
     started = time.time()
     assert run_evaluate(load_config("tiny", args)) == manifest  # complete: skipped
     assert time.time() - started < 15
-
-
-def test_everything_on_s3(setup, s3_endpoint):
-    bucket = s3_endpoint("vitok-evaluate")
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.put(str(setup / "photos"), f"{bucket}/photos", recursive=True)
-    fs.put(str(setup / "export"), f"{bucket}/runs/train_ae/k/export", recursive=True)
-    fs.put(str(setup / "samples.npz"), f"{bucket}/samples/samples.npz")
-    # The train run's metric lines next to the export give the loss-curve figure.
-    lines = [{"step": s, "loss": 1.0 / s, "lr": 1e-3, "budget": 64 if s < 30 else 256} for s in range(10, 50, 10)]
-    with fs.open(f"{bucket}/runs/train_ae/k/metrics/step-00000040.jsonl", "w") as f:
-        f.write("".join(f"{json.dumps(line)}\n" for line in lines))
-    args = overrides(
-        f"s3://{bucket}/photos",
-        f"s3://{bucket}/runs/train_ae/k/export",
-        f"s3://{bucket}/runs",
-        "evaluate.features=[inception]",
-        f"evaluate.samples=s3://{bucket}/samples",
-        "evaluate.bicubic_baseline=false",
-    )
-    manifest = run_evaluate(load_config("tiny", args))
-    out = manifest["output"]
-    assert out.startswith(f"s3://{bucket}/runs/evaluate/") and is_complete(out)
-    metrics = read_json(join(out, "metrics.json"))
-    assert [r["model"] for r in metrics["results"]] == ["ae", "ae"] and manifest["rejected"] == 1
-    assert "rfdd_dinov2" not in metrics["results"][0] and np.isfinite(metrics["generation"][0]["gfid"])
-    assert metrics["generation"][0]["samples"] == f"s3://{bucket}/samples/samples.npz"
-    assert "loss_curves" in metrics["figures"]
-    for rel in metrics["figures"].values():
-        with fsspec.open(join(out, rel), "rb") as f:
-            png_ok(f.read())
-    with fsspec.open(join(out, "report.md"), "r") as f:
-        assert "randomly initialised" not in f.read()  # the Inception is the real FID network

@@ -10,15 +10,18 @@ cluster, with a cancelled flow run stopping its Ray job.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import fsspec
+import prefect.settings
 import pytest
 
 from pipelines import stages
@@ -74,8 +77,11 @@ def args_for(photos: Path, root: str, *extra: str) -> list[str]:
 
 
 def outputs(overrides: list[str]) -> dict[str, str]:
+    """Every stage's artifact as the DAG plans it (its evaluate scores the DAG's samples)."""
     cfg = load_config("tiny", overrides)
-    return {stage: stages.planned_output(stage, cfg) for stage in stages.STAGES}
+    found = {stage: stages.planned_output(stage, cfg) for stage in stages.STAGES[:-1]}
+    with_samples = load_config("tiny", stages.with_samples(cfg, overrides))
+    return {**found, "evaluate": stages.planned_output("evaluate", with_samples)}
 
 
 def ran(results: dict) -> list[str]:
@@ -91,6 +97,7 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
     # checkpoint was reported, so a checkpoint to resume from exists when they appear.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()  # the harness's server: no second one
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "run", "--preset", "tiny", *overrides],
         cwd=tmp_path,
@@ -122,6 +129,7 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
         assert uri.startswith(f"{root}/{stage}/") and is_complete(uri)
     metrics = read_json(join(paths["evaluate"], "metrics.json"))
     assert metrics["generation"] and metrics["generation"][0]["images"] == 4  # 4 classes x 1 sample
+    assert "loss_curves" in metrics["figures"]  # from the metric lines of the train_ae run on S3
     assert fs.exists(join(paths["evaluate"], "report.md"))
 
     started = time.time()
@@ -168,12 +176,13 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A real Ray cluster head on 127.0.0.1 (its own process group, stopped by its process id)."""
     port, dashboard = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` of a job = this venv's
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
@@ -188,11 +197,9 @@ def ray_head(tmp_path):
             assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
             time.sleep(2)
     yield address
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    os.killpg(head.pid, signal.SIGKILL)  # the head's whole process group (raylet, GCS, workers): only ours
+    head.wait()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_cluster_mode_submits_attaches_and_stops_on_cancel(prefect_harness, ray_head, photos, tmp_path):

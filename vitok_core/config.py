@@ -265,7 +265,7 @@ class OrchestrateConfig:
     address: str = ""  # cluster mode: the Ray dashboard / Jobs API, e.g. http://HEAD:8265
     working_dir: str = "."  # cluster mode: uploaded as the job's runtime_env working_dir ("" = none: use image)
     image: str = ""  # cluster mode: container image for the job's runtime_env (image_uri); "" = the cluster's
-    entrypoint_cpus: float = 1.0  # cluster mode: CPUs reserved for each stage's driver process
+    entrypoint_cpus: float = 0.0  # cluster mode: CPUs reserved for each stage driver (light: its workers do the work)
     entrypoint_gpus: float = 0.0
     poll_s: float = 2.0  # cluster mode: seconds between status checks while streaming logs
     demo_photos: bool = True  # an empty ingest.source means the demo photos of installed packages
