@@ -42,6 +42,7 @@ FAST = [
     "train.log_every=2",
     "flow.steps=4",
     "flow.batch_size=8",
+    "flow.micro_batch_size=4",  # buckets of 5-6 images: 2 accumulation steps of 4
     "flow.checkpoint_every=4",
     "flow.log_every=2",
     "flow.sample.per_class=1",
@@ -52,6 +53,12 @@ FAST = [
     "evaluate.generation_setting=64p",
     "evaluate.max_images=8",
     "evaluate.images_per_task=4",
+    # One worker / actor per stage: start-up is most of a tiny stage's time, and the stages' own tests run
+    # them with two.
+    "train.workers=1",
+    "flow.workers=1",
+    "cache.actors=1",
+    "evaluate.actors=1",
 ]
 
 
