@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.common import init_ray, map_with_actors, parse_config, setup_logging
+from jobs.common import fail_once, init_ray, map_with_actors, parse_config, setup_logging
 from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
 from vitok_core.checkpoint import load_part_model, published_sha256, read_export_info
@@ -111,13 +111,8 @@ class EncodeFiles:
         self.settings, self.out, self.batch_size, self.fail_at = settings, out, batch_size, fail_at
 
     def _maybe_fail(self, index: int) -> None:
-        if index != self.fail_at:
-            return
-        fs, path = fsspec.core.url_to_fs(join(self.out, "_staging", "faults", f"fail_at_file-{index}"))
-        if not fs.exists(path):
-            fs.makedirs(os.path.dirname(path), exist_ok=True)
-            fs.touch(path)
-            raise RuntimeError(f"injected fault on ingest file {index} (cache.fail_at_file)")
+        if index == self.fail_at:
+            fail_once(self.out, f"fail_at_file-{index}", f"injected fault on ingest file {index} (cache.fail_at_file)")
 
     @torch.no_grad()
     def encode(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, tuple[int, int]]]:

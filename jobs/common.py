@@ -105,3 +105,17 @@ def map_with_actors(
         gc.collect()
         raise RuntimeError(failure)
     return rows
+
+
+def fail_once(out: str, name: str, message: str) -> None:
+    """Raise RuntimeError(message) the first time only: a marker file under the output's staging area
+    remembers that the fault fired, so the rerun of a drill goes through."""
+    import fsspec
+
+    from vitok_core.artifacts import join
+
+    fs, path = fsspec.core.url_to_fs(join(out, "_staging", "faults", name))
+    if not fs.exists(path):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        fs.touch(path)
+        raise RuntimeError(message)

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.common import init_ray, map_with_actors, parse_config, setup_logging
+from jobs.common import fail_once, init_ray, map_with_actors, parse_config, setup_logging
 from vitok_core import __version__, report
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.checkpoint import file_sha256, load_published, published_sha256, read_export_info
@@ -209,13 +209,10 @@ class EvaluateTasks:
         write_json(join(out, "_staging", "extractors.json"), described)  # the same from every actor
 
     def _maybe_fail(self, index: int) -> None:
-        if index != self.e.fail_at_task:
-            return
-        fs, path = fsspec.core.url_to_fs(join(self.out, "_staging", "faults", f"fail_at_task-{index}"))
-        if not fs.exists(path):
-            fs.makedirs(os.path.dirname(path), exist_ok=True)
-            fs.touch(path)
-            raise RuntimeError(f"injected fault on evaluate task {index} (evaluate.fail_at_task)")
+        if index == self.e.fail_at_task:
+            fail_once(
+                self.out, f"fail_at_task-{index}", f"injected fault on evaluate task {index} (evaluate.fail_at_task)"
+            )
 
     def _load(self, task: dict[str, Any]) -> tuple[list[str], list[torch.Tensor], list[tuple[str, str]]]:
         """(ids, images [3, h, w] in [-1, 1], rejected (id, reason))."""

@@ -18,6 +18,7 @@ from vitok_core.config import VitokConfig
 # Left out of an uploaded working_dir: environments, data caches, local runs (Ray also skips .gitignore'd files).
 EXCLUDES = [".venv", ".data", "runs", ".git", "benchmarks/results", "**/__pycache__"]
 _ACTIVE = ("PENDING", "RUNNING")
+AGENT_WAIT_S = 120.0  # how long a submission waits for a starting cluster's job agent
 
 
 def runtime_env(cfg: VitokConfig) -> dict[str, Any]:
@@ -51,15 +52,22 @@ def submit_or_attach(client: Any, stage: str, key: str, command: str, cfg: Vitok
         if status in _ACTIVE:
             return submission_id, True
         attempt += 1  # ended (the caller found the artifact incomplete: failed, stopped, paused or forced)
-    client.submit_job(
-        entrypoint=command,
-        submission_id=submission_id,
-        runtime_env=runtime_env(cfg),
-        entrypoint_num_cpus=cfg.orchestrate.entrypoint_cpus,
-        entrypoint_num_gpus=cfg.orchestrate.entrypoint_gpus,
-        metadata={"vitok_stage": stage, "vitok_key": key},
-    )
-    return submission_id, False
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=command,
+                submission_id=submission_id,
+                runtime_env=runtime_env(cfg),
+                entrypoint_num_cpus=cfg.orchestrate.entrypoint_cpus,
+                entrypoint_num_gpus=cfg.orchestrate.entrypoint_gpus,
+                metadata={"vitok_stage": stage, "vitok_key": key},
+            )
+            return submission_id, False
+        except RuntimeError as err:  # a fresh cluster answers before its job agent is up
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def wait(
