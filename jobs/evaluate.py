@@ -28,6 +28,7 @@ which actor finished first) into float64 streaming statistics. A rerun skips tas
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -153,8 +154,6 @@ def list_images(cfg: VitokConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         for start in range(0, len(paths), per):
             uris = [_with_protocol(data, p) for p in paths[start : start + per]]
             tasks.append({"kind": "files", "uris": uris, "count": len(uris), "first": start})
-        import hashlib
-
         described = {"uri": data, "kind": "folder", "identity": hashlib.sha256(listing.encode()).hexdigest()[:16]}
     if not tasks:
         raise FileNotFoundError(f"evaluate.data={data!r} holds no images")

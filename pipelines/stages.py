@@ -10,6 +10,7 @@ of truth; a pipeline restarted after a crash asks them again and reruns what is 
 from __future__ import annotations
 
 import importlib
+import json
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,8 +148,6 @@ def status(root: str) -> list[dict[str, Any]]:
             manifest = {}
             if fs.exists(f"{path}/{MANIFEST}"):
                 with fs.open(f"{path}/{MANIFEST}", "r") as f:
-                    import json
-
                     manifest = json.load(f)
             rows.append({"stage": stage, "key": key, "done": done, "summary": _counts(stage, manifest) if done else ""})
     return rows
