@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -214,6 +215,7 @@ def ray_head(tmp_path):
 
 def test_cluster_mode_submits_attaches_and_stops_on_cancel(prefect_harness, ray_head, photos, tmp_path):
     from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelling
     from ray.job_submission import JobSubmissionClient
@@ -232,11 +234,11 @@ def test_cluster_mode_submits_attaches_and_stops_on_cancel(prefect_harness, ray_
 
     # A long train_ae job, and the flow run cancelled while it runs: the Ray job is stopped.
     long = [*overrides, "train.steps=2000", "train.checkpoint_every=1000"]
-    state = {}
+    state, name = {}, f"cancel-me-{uuid.uuid4().hex[:8]}"  # other tests' crashed flow runs may still read RUNNING
 
     def run_flow() -> None:
         try:
-            run_stage("train_ae", "tiny", long)
+            run_stage.with_options(flow_run_name=name)("train_ae", "tiny", long)
         except BaseException as err:  # the cancelled flow ends with an error: what matters is the Ray job
             state["error"] = err
 
@@ -249,7 +251,7 @@ def test_cluster_mode_submits_attaches_and_stops_on_cancel(prefect_harness, ray_
         time.sleep(1)
     assert job is not None, "the train_ae job did not start"
     with get_client(sync_client=True) as prefect:
-        runs = prefect.read_flow_runs()
+        runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
         flow_run = next(r for r in runs if r.state and r.state.type == StateType.RUNNING)
         prefect.set_flow_run_state(flow_run.id, Cancelling(), force=True)
     deadline = time.time() + 120
