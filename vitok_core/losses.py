@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from vitok_core.naflex import unpatchify_canvas
 
@@ -57,19 +56,43 @@ def crop_tiles(canvas: Tensor, orig_size: Tensor, origins: Tensor, tile_size: in
     return torch.stack(tiles)
 
 
-def ssim(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-image SSIM in [-1, 1] data (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, data range 2)."""
-    return structural_similarity_index_measure(
-        pred.float(),
-        target.float(),
-        gaussian_kernel=True,
-        sigma=1.5,
-        kernel_size=11,
-        reduction="none",
-        data_range=2.0,
-        k1=0.01,
-        k2=0.03,
-    )
+def _gaussian_window(size: int, sigma: float) -> Tensor:
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    window = torch.exp(-(coords**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def ssim(
+    pred: Tensor,
+    target: Tensor,
+    data_range: float = 2.0,
+    kernel_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> Tensor:
+    """Per-image SSIM of [B, C, H, W] images in [-1, 1] (Wang et al. 2004: Gaussian window 11, sigma 1.5,
+    k1 0.01, k2 0.03, data range 2), averaged over the positions where the window fits inside the image.
+
+    Written here rather than taken from torchmetrics: importing torchmetrics' image functions pulls in
+    torchvision and torch._dynamo, about 5 s at the start of every training worker."""
+    x, y = pred.float(), target.float()
+    channels = x.shape[1]
+    if min(x.shape[-2:]) < kernel_size:
+        raise ValueError(f"ssim: images of {tuple(x.shape[-2:])} are smaller than the {kernel_size}px window")
+    g = _gaussian_window(kernel_size, sigma).to(x.device)
+    rows, cols = g.view(1, 1, -1, 1).expand(channels, 1, -1, 1), g.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+
+    def blur(t: Tensor) -> Tensor:  # separable Gaussian filter per channel, valid positions only
+        return F.conv2d(F.conv2d(t, cols, groups=channels), rows, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
 
 
 def load_dino(model_name: str, weights: str, key: str, **kwargs: object) -> nn.Module:
