@@ -324,13 +324,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 state["step"], total, budget, metrics["loss"], lr, grad_norm, metrics["tokens_per_s"],
                 metrics["data_wait_s"],
             )  # fmt: skip
+        # Only checkpoints are reported to Ray Train: it keeps one pending report per worker and its
+        # controller takes it every 2 s, so a report sooner than that stalls the step (logged lines go
+        # to the log and, at the next checkpoint, to metrics/*.jsonl).
         if state["step"] % cfg.train.checkpoint_every == 0 or done:
             if rank == 0:
                 write_metrics(out, lines, state["step"])
             save_checkpoint(engine, state, metrics, rank, {"config.yaml": OmegaConf.to_yaml(cfg)})
             last_checkpoint = ray.train.Checkpoint(join(out, checkpoint_name(state["step"])))
-        elif state["step"] % cfg.train.log_every == 0:
-            ray.train.report(metrics)
     budgets.close()
     if state["step"] == total:
         _export(engine, engine.module, out, cfg, total, rank)

@@ -27,12 +27,25 @@ from vitok_core.artifacts import join, mark_success, write_json
 
 
 def import_deepspeed() -> Any:
-    """DeepSpeed, with its CPU shared-memory op disabled: on CPU it JIT-compiles that op at start-up
-    (75-90 s) for what gloo does anyway. `import deepspeed.comm.torch as m` would bind torch itself
-    (deepspeed.comm re-exports it), hence importlib."""
+    """DeepSpeed, minus two start-up costs of features we do not use.
+
+    - Its CPU shared-memory op is disabled: on CPU it JIT-compiles that op at start-up (75-90 s) for what
+      gloo does anyway. `import deepspeed.comm.torch as m` would bind torch itself (deepspeed.comm
+      re-exports it), hence importlib.
+    - Its Muon optimizer module is imported with `torch.compile` as a no-op: `deepspeed.initialize` and
+      the ZeRO optimizers import it only to check `isinstance(optimizer, MuonWithAuxAdam)`, and its
+      module-level `torch.compile` loads Inductor, about 4 s per worker. We train with AdamW; a run that
+      used DeepSpeed's Muon would get its Newton-Schulz step in eager mode.
+    """
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
 
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **kwargs: model if model is not None else (lambda fn: fn)
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        torch.compile = compile_
     return deepspeed
 
 

@@ -232,13 +232,14 @@ def train_loop(config: dict[str, Any]) -> None:
             lines.append(metrics)
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", state["step"], f.steps, metrics["loss"], lr,
                      metrics["tokens_per_s"])  # fmt: skip
+        # Only checkpoints are reported to Ray Train: it keeps one pending report per worker and its
+        # controller takes it every 2 s, so a report sooner than that stalls the step (logged lines go
+        # to the log and, at the next checkpoint, to metrics/*.jsonl).
         if state["step"] % f.checkpoint_every == 0 or done:
             if rank == 0:
                 write_metrics(out, lines, state["step"])
             files = {"config.yaml": OmegaConf.to_yaml(cfg)}
             save_checkpoint(engine, {**state, "ema": ema.state_dict()}, metrics, rank, files)
-        elif state["step"] % f.log_every == 0:
-            ray.train.report(metrics)
     batches.close()
     if state["step"] == f.steps and rank == 0:
         _export(engine.module, ema, out, cfg, stats, f.steps)

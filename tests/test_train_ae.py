@@ -5,6 +5,7 @@ run and for a run whose worker crashes; a run on S3 (moto) also takes non-finite
 from __future__ import annotations
 
 import math
+import sys
 
 import fsspec
 import pytest
@@ -13,7 +14,7 @@ import torch
 from jobs.ingest import run as run_ingest
 from jobs.train_ae import deepspeed_config, output_uri, train_settings
 from jobs.train_ae import run as run_train
-from jobs.train_common import read_metrics
+from jobs.train_common import import_deepspeed, read_metrics
 from tests.ingest_samples import make_training_folder
 from vitok_core.artifacts import is_complete, join
 from vitok_core.checkpoint import load_published
@@ -162,3 +163,10 @@ def test_non_finite_steps_on_s3(reference, s3_endpoint, photos):
     model = build_autoencoder(cfg.model.variant)
     load_published(model, join(result["output"], "export"))  # strict
     assert output_uri(cfg, IngestOutput(manifest["ingest"])) == result["output"]
+
+
+def test_import_deepspeed_skips_compiling_muon_and_restores_torch_compile():
+    compile_ = torch.compile
+    deepspeed = import_deepspeed()
+    assert torch.compile is compile_ and deepspeed.initialize
+    assert "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules
