@@ -115,8 +115,8 @@ def test_cache_counts_latents_and_stats(setup, cached):
     assert time.time() - started < 10
 
 
-def test_crashed_run_reruns_without_duplicates(setup, cached, tmp_path):
-    # The crashing run is its own driver process (with its own local Ray), as a crashed job would be.
+def test_crashed_run_reruns_without_duplicates(ray_local, setup, cached, tmp_path):
+    # The crashing run is its own driver process on the session's Ray, as a crashed Ray job would be.
     folder, base, ingest, _ = setup
     args = [
         *base,
@@ -128,7 +128,7 @@ def test_crashed_run_reruns_without_duplicates(setup, cached, tmp_path):
         "cache.batch_size=4",
         "cache.fail_at_file=1",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     crashed = subprocess.run(
         [sys.executable, "-m", "jobs.cache_latents", "--config", "tiny", *args],
         env=env,

@@ -65,7 +65,7 @@ def overrides(data: str, ae: str, out: str, *extra: str) -> list[str]:
     ]
 
 
-def test_local_run_with_crash_rerun_and_skip(setup, tmp_path):
+def test_local_run_with_crash_rerun_and_skip(ray_local, setup, tmp_path):
     extra = [
         f"evaluate.baselines=[{setup / 'other'}]",
         f"evaluate.samples={setup / 'samples.npz'}",
@@ -75,8 +75,8 @@ def test_local_run_with_crash_rerun_and_skip(setup, tmp_path):
         "evaluate.dinov2_size=56",
     ]
     args = overrides(str(setup / "photos"), str(setup / "export"), str(tmp_path), *extra)
-    # The crashing run is its own driver process (with its own local Ray), as a crashed job would be.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The crashing run is its own driver process on the session's Ray, as a crashed Ray job would be.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     crashed = subprocess.run(
         [sys.executable, "-m", "jobs.evaluate", "--config", "tiny", *args, "evaluate.fail_at_task=1"],
         env=env,
