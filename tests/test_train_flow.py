@@ -13,13 +13,14 @@ from safetensors.torch import load as load_bytes
 
 from jobs.cache_latents import run as run_cache
 from jobs.ingest import run as run_ingest
+from jobs.sample import generate_in_task
 from jobs.sample import run as run_sample
 from jobs.train_common import read_metrics
 from jobs.train_flow import run as run_flow
 from tests.ingest_samples import make_training_folder
 from vitok_core.artifacts import is_complete, join
 from vitok_core.checkpoint import save_published
-from vitok_core.config import load_config
+from vitok_core.config import load_config, to_dict
 from vitok_core.model import build_autoencoder
 from vitok_core.model.dit import build_dit
 
@@ -103,6 +104,10 @@ def test_flow_trains_exports_ema_and_samples(cache, trained):
         npz = np.load(io.BytesIO(f.read()))
         images, labels = npz["images"], npz["labels"]
     assert images.shape == (8, 96, 144, 3) and images.dtype == np.uint8 and list(labels) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # The Ray-task path (taken with flow.use_gpu: a cluster's job driver holds no GPU) gives the same images.
+    cfg = config(cache, cache[0] / "flow-reference")
+    args = (trained["export"], cache[1]["encoder"], [int(x) for x in labels], to_dict(cfg.flow.sample))
+    assert np.array_equal(np.stack(generate_in_task(args, gpus=0, cpus=1)), images)
     again = run_sample(config(cache, cache[0] / "flow-reference", f"flow.sample.out={cache[0] / 'again'}"))
     with fsspec.open(join(again["output"], "samples.npz"), "rb") as f:
         assert np.array_equal(np.load(io.BytesIO(f.read()))["images"], images)  # same seed, same images
