@@ -324,9 +324,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 state["step"], total, budget, metrics["loss"], lr, grad_norm, metrics["tokens_per_s"],
                 metrics["data_wait_s"],
             )  # fmt: skip
-        # Only checkpoints are reported to Ray Train: it keeps one pending report per worker and its
-        # controller takes it every 2 s, so a report sooner than that stalls the step (logged lines go
-        # to the log and, at the next checkpoint, to metrics/*.jsonl).
+        # Ray Train hears of checkpoints only (why: save_checkpoint).
         if state["step"] % cfg.train.checkpoint_every == 0 or done:
             if rank == 0:
                 write_metrics(out, lines, state["step"])

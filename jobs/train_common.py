@@ -88,7 +88,11 @@ def _rank_state_path(directory: str, rank: int) -> str:
 
 
 def save_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, files: dict[str, str] | None = None) -> None:
-    """Every rank: DeepSpeed shards + its own state (+ rank 0's text `files`), reported to Ray Train."""
+    """Every rank: DeepSpeed shards + its own state (+ rank 0's text `files`), reported to Ray Train.
+
+    The training loops report to Ray Train only here, at checkpoints: Ray Train keeps one pending report
+    per worker and its controller takes it every 2 s, so a report per logged step stalls short steps
+    (logged lines go to the log and, at the next checkpoint, to metrics/*.jsonl)."""
     import ray.train
 
     step = state["step"]

@@ -232,9 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
             lines.append(metrics)
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", state["step"], f.steps, metrics["loss"], lr,
                      metrics["tokens_per_s"])  # fmt: skip
-        # Only checkpoints are reported to Ray Train: it keeps one pending report per worker and its
-        # controller takes it every 2 s, so a report sooner than that stalls the step (logged lines go
-        # to the log and, at the next checkpoint, to metrics/*.jsonl).
+        # Ray Train hears of checkpoints only (why: save_checkpoint).
         if state["step"] % f.checkpoint_every == 0 or done:
             if rank == 0:
                 write_metrics(out, lines, state["step"])
