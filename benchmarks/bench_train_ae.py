@@ -12,14 +12,18 @@ Both sides train the same variant from the same seed at one token budget (--budg
 global batch of --batch images: the same ReconstructionLoss (Charbonnier + SSIM; DINO off as in the tiny
 preset), torch AdamW with the same parameter groups, lr schedule and gradient clipping, and batches from
 vitok_core.loader.BucketLoader decoded in the training process (loader_workers=0 on both sides).
-  bare  one process, torch using every core (torch.set_num_threads(cores)), world size 1.
+  bare  one process, world size 1: torch using every core, and again with 1 thread.
   job   jobs.train_ae.run on a local Ray with 2 CPUs: 2 Ray Train workers (1 CPU each, so Ray gives each
-        one torch thread), DeepSpeed ZeRO-3 over gloo, micro-batch = batch / 2, no accumulation.
+        one torch thread), DeepSpeed ZeRO-3 over gloo, micro-batch = batch / 2, no accumulation; then
+        1 worker on 1 CPU (micro-batch = batch), compared with the 1-thread bare loop (equal resources).
+A second table breaks each step down (median ms): data wait, forward + backward, DeepSpeed's step,
+the step's one all-reduce + read, and the rest; the job's phases come from its metrics JSONL.
 tokens/s = valid tokens of a step / its wall time (the job: all ranks' tokens / rank 0's step time, as
 logged in its metrics JSONL), median over the steps after --warmup. Start-up is reported apart: for the
 job, the wall time of run() minus the sum of its step times (Ray Train worker group, DeepSpeed
 initialize, checkpoint at the end, export); for the bare loop, model + optimizer + loader set-up.
-Goal: job tokens/s >= 0.85 x bare tokens/s. Results also go to benchmarks/results/bench_train_ae.json.
+Goal: job tokens/s >= 0.85 x bare tokens/s on both comparisons.
+Results also go to benchmarks/results/bench_train_ae.json.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / ".data" / "bench_train_ae"
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_train_ae.json"
 RAY_CPUS = 2
+PHASES = ("data_wait_s", "forward_backward_s", "optimizer_s", "sync_s")
 
 
-def overrides(args: argparse.Namespace, source: Path, root: Path) -> list[str]:
+def overrides(args: argparse.Namespace, source: Path, root: Path, workers: int = 2) -> list[str]:
     return [
         f"ingest.source={source}",
         f"ingest.root={DATA / 'ingest'}",
@@ -55,8 +60,8 @@ def overrides(args: argparse.Namespace, source: Path, root: Path) -> list[str]:
         "data.budget_switch=[]",
         f"train.steps={args.steps}",
         f"train.batch_size={args.batch}",
-        f"train.micro_batch_size={args.batch // 2}",
-        "train.workers=2",
+        f"train.micro_batch_size={args.batch // workers}",
+        f"train.workers={workers}",
         "train.loader_workers=0",
         "train.log_every=1",
         f"train.checkpoint_every={args.steps}",
@@ -114,16 +119,21 @@ def bare_loop(cfg: Any, ingest_uri: str, steps: int, cores: int) -> dict[str, An
     for step in range(steps):
         t0 = time.perf_counter()
         batch = next(batches)
+        t1 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(step, steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr)
         generator = torch.Generator().manual_seed(step)
         loss = loss_fn(model(batch)["patches"], batch, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         elapsed = time.perf_counter() - t0
-        records.append({"step": step + 1, "tokens": valid_tokens(batch), "step_s": elapsed, "loss": loss.item()})
+        records.append(
+            {"step": step + 1, "tokens": valid_tokens(batch), "step_s": elapsed, "loss": loss.item()}
+            | {"data_wait_s": t1 - t0, "forward_backward_s": t2 - t1, "optimizer_s": elapsed - (t2 - t0)}
+        )
     return {"setup_s": setup, "steps": records}
 
 
@@ -166,50 +176,68 @@ def main() -> None:
     print(f"data: {ingest['counts']['accepted']} images at {ingest['output']}")
     print(f"model {cfg.model.variant}, budget {args.budget} tokens, global batch {args.batch}, {args.steps} steps")
 
-    bare = bare_loop(cfg, ingest["output"], args.steps, cores)
-    bare_rate = median_rate(bare["steps"], args.warmup)
-    print(f"  bare: {bare_rate:.0f} tokens/s (median), set-up {bare['setup_s']:.1f} s", flush=True)
+    # Two comparisons: all cores (the job's 2 workers against a bare loop using both cores), and equal
+    # resources (1 worker on 1 CPU against a 1-thread bare loop: no contention on either side).
+    bares = {}
+    for threads in sorted({cores, 1}, reverse=True):
+        bares[threads] = bare_loop(cfg, ingest["output"], args.steps, threads)
+        bares[threads]["tokens_per_s"] = median_rate(bares[threads]["steps"], args.warmup)
+        print(f"  bare, {threads} thread(s): {bares[threads]['tokens_per_s']:.0f} tokens/s (median)", flush=True)
+    torch.set_num_threads(cores)
 
+    runs_to_do = [(2, threshold) for threshold in args.persistence] + [(1, args.persistence[0])]
     jobs = []
-    for threshold in args.persistence:
-        job_cfg = load_config("tiny", [*overrides(args, source, runs), f"train.zero_persistence_threshold={threshold}"])
+    for workers, threshold in runs_to_do:
+        extra = [f"train.zero_persistence_threshold={threshold}"]
+        job_cfg = load_config("tiny", [*overrides(args, source, runs, workers), *extra])
         started = time.perf_counter()
         manifest = run_train(job_cfg)
         wall = time.perf_counter() - started
         metrics = read_metrics(manifest["output"])
         rate = median_rate(metrics, args.warmup)
-        startup = wall - sum(m["step_s"] for m in metrics)
-        wait = statistics.median(m["data_wait_s"] for m in metrics[args.warmup :])
+        baseline = bares[cores if workers == 2 else 1]["tokens_per_s"]
         jobs.append(
-            {"threshold": threshold, "tokens_per_s": rate, "wall_s": wall, "startup_s": startup, "wait_s": wait}
-            | {"ratio": rate / bare_rate, "metrics": metrics}
+            {"workers": workers, "threshold": threshold, "tokens_per_s": rate, "wall_s": wall}
+            | {"startup_s": wall - sum(m["step_s"] for m in metrics), "ratio": rate / baseline, "metrics": metrics}
         )
-        print(f"  job (persistence {threshold:,}): {rate:.0f} tokens/s (median), run() {wall:.1f} s", flush=True)
+        print(f"  job ({workers} worker(s), persistence {threshold:,}): {rate:.0f} tokens/s, run() {wall:.1f} s")
         shutil.rmtree(runs, ignore_errors=True)
     ray.shutdown()
 
-    rows = [[f"bare loop (1 process, {cores} threads)", f"{bare_rate:.0f}", "1.00", f"{bare['setup_s']:.1f}", "-"]]
+    def phases(records: list[dict]) -> list[str]:
+        """Median ms per step of each phase; 'other' = the step's rest (lr, batch transfer, bookkeeping)."""
+        kept = records[args.warmup :]
+        cols = [statistics.median(r.get(k, 0.0) for r in kept) for k in PHASES]
+        other = statistics.median(r["step_s"] for r in kept) - sum(cols)
+        return [f"{1000 * c:.0f}" for c in cols] + [f"{1000 * other:.0f}"]
+
+    rows, breakdown = [], []
+    for threads, bare in bares.items():
+        label = f"bare loop, 1 process, {threads} thread(s)"
+        rows.append([label, f"{bare['tokens_per_s']:.0f}", "1.00", f"{bare['setup_s']:.1f}"])
+        breakdown.append([label, *phases(bare["steps"])])
     for job in jobs:
-        rows.append(
-            [
-                f"Ray Train + ZeRO-3, 2 workers, persistence {job['threshold']:,}",
-                f"{job['tokens_per_s']:.0f}",
-                f"{job['ratio']:.2f}",
-                f"{job['startup_s']:.1f}",
-                f"{job['wait_s'] * 1000:.0f} ms",
-            ]
-        )
+        label = f"job, {job['workers']} worker(s) x 1 CPU, persistence {job['threshold']:,}"
+        vs = f" (vs {cores if job['workers'] == 2 else 1} thread(s))"
+        rows.append([label + vs, f"{job['tokens_per_s']:.0f}", f"{job['ratio']:.2f}", f"{job['startup_s']:.1f}"])
+        breakdown.append([label, *phases(job["metrics"])])
     print()
-    print(format_table(["", "tokens/s", "ratio", "start-up s", "data wait/step"], rows))
+    print(format_table(["", "tokens/s", "ratio", "start-up s"], rows))
+    print()
+    print("median ms per step (after warm-up):")
+    print(format_table(["", "data wait", "fwd + bwd", "optimizer step", "sync", "other"], breakdown))
     print("  persistence = train.zero_persistence_threshold (elements): smaller parameters stay whole on every rank;")
     print("  0 = every parameter is partitioned and gathered for each use. Start-up = run() wall - sum of step times")
-    print("  (worker group, DeepSpeed initialize, final checkpoint, export). data wait = decode + augment, inline.")
-    print(f"  goal >= 0.85x (default persistence): {'yes' if jobs[0]['ratio'] >= 0.85 else 'NO'}")
+    print("  (worker group, DeepSpeed initialize, checkpoints, export). data wait = decode + augment, inline.")
+    print("  optimizer step = DeepSpeed's step (ZeRO-3 gradient reduce-scatter, clipping, AdamW, re-partition);")
+    print("  sync = the job's one all-reduce + read of the step's numbers (StepStats).")
+    for job in jobs:
+        met = "yes" if job["ratio"] >= 0.85 else "NO"
+        print(f"  goal >= 0.85x, {job['workers']} worker(s), persistence {job['threshold']:,}: {met}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps(
-            {"args": vars(args), "variant": cfg.model.variant, "bare": bare, "bare_tokens_per_s": bare_rate}
-            | {"jobs": jobs},
+            {"args": vars(args), "variant": cfg.model.variant, "cores": cores, "bare": bares, "jobs": jobs},
             indent=1,
         )
     )

@@ -45,11 +45,11 @@ from vitok_core.config import VitokConfig, to_dict
 from vitok_core.images import decode_image, to_tensor
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.latents import ChannelStats, from_bytes, to_bytes
-from vitok_core.naflex import collate, preprocess
+from vitok_core.naflex import collate, preprocess, to_device
 
 log = logging.getLogger("vitok.cache_latents")
 
-CODE_VERSION = "cache_latents-1"
+CODE_VERSION = "cache_latents-2"  # 2: RoPE in fp32 under bf16 autocast
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -123,7 +123,7 @@ class EncodeFiles:
             by_grid[tuple(sample["grid"].tolist())].append(i)
         out: list[Any] = [None] * len(samples)
         for grid, members in by_grid.items():
-            batch = {k: v.to(self.device) for k, v in collate([samples[i] for i in members]).items()}
+            batch = to_device(collate([samples[i] for i in members]), self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
                 z = self.model.encode(batch)["z"]
             for j, i in enumerate(members):

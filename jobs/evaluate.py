@@ -66,7 +66,7 @@ from vitok_core.model import build_autoencoder, parse_variant
 
 log = logging.getLogger("vitok.evaluate")
 
-CODE_VERSION = "evaluate-1"
+CODE_VERSION = "evaluate-2"  # 2: SSIM rewrite, RoPE in fp32 under bf16 autocast
 REFERENCE = "reference"
 SAMPLES = "samples"
 # Settings that change how the job runs, not its numbers: not part of the key.

@@ -32,7 +32,7 @@ from vitok_core.flow import sample
 from vitok_core.images import to_uint8
 from vitok_core.latents import grid_positions
 from vitok_core.model.dit import build_dit
-from vitok_core.naflex import unpatchify
+from vitok_core.naflex import to_device, unpatchify
 
 log = logging.getLogger("vitok.sample")
 
@@ -50,8 +50,9 @@ def load_flow(export: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 def decode_latents(decoder: torch.nn.Module, z: torch.Tensor, rows: int, cols: int) -> list[torch.Tensor]:
     """Standard-scale latents [B, rows * cols, c] -> images [3, rows p, cols p] in [-1, 1]."""
     p = decoder.spec.patch_size
-    positions = {k: v[None].expand(z.shape[0], *v.shape).to(z.device) for k, v in grid_positions(rows, cols).items()}
-    positions["orig_size"] = torch.tensor([[rows * p, cols * p]] * z.shape[0], device=z.device)
+    positions = {k: v[None].expand(z.shape[0], *v.shape) for k, v in grid_positions(rows, cols).items()}
+    positions["orig_size"] = torch.tensor([[rows * p, cols * p]] * z.shape[0])
+    positions = to_device(positions, z.device)
     patches = decoder.decode({"z": z, **positions})["patches"]
     return unpatchify(patches, positions, p)
 
@@ -88,7 +89,7 @@ def generate(export: str, decoder_uri: str, labels: list[int], s: dict[str, Any]
     for b, first in enumerate(range(0, len(labels), s["batch_size"])):
         batch_labels = torch.tensor(labels[first : first + s["batch_size"]], device=device)
         n = len(batch_labels)
-        positions = {k: v[None].expand(n, *v.shape).to(device) for k, v in grid.items()}
+        positions = to_device({k: v[None].expand(n, *v.shape) for k, v in grid.items()}, device)
         z = sample(
             model,
             batch_labels,

@@ -39,9 +39,10 @@ from jobs import train_common as common
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.ingest import output_uri as ingest_output_uri
 from jobs.train_common import (
-    all_reduce,
+    StepStats,
     checkpoint_name,
     fit,
+    full_fp32_state,
     import_deepspeed,
     inject_fault,
     load_checkpoint,
@@ -51,18 +52,19 @@ from jobs.train_common import (
 from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_key
 from vitok_core.checkpoint import save_published
-from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
+from vitok_core.config import VitokConfig, config_from_dict, config_hash, mixed_precision, to_dict
 from vitok_core.flops import peak_flops, train_flops_per_token
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.loader import Augment, BucketLoader, ShardIndex, describe_buckets, grid_of, valid_tokens
 from vitok_core.losses import ReconstructionLoss
 from vitok_core.model import build_autoencoder, count_parameters, parse_variant
+from vitok_core.naflex import to_device
 from vitok_core.optim import parameter_groups
 from vitok_core.schedules import budget_at_step, budget_boundaries, lr_at_step
 
 log = logging.getLogger("vitok.train_ae")
 
-CODE_VERSION = "train_ae-1"
+CODE_VERSION = "train_ae-2"  # 2: init inside constructors (zero.Init), fp32 RoPE, SSIM rewrite
 # Settings that do not change the trained weights, so they stay out of the run key: where things are,
 # how often to log, how many loader processes, how many restarts, where to pause.
 _NOT_IN_KEY = (
@@ -117,7 +119,8 @@ def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
         "stage3_gather_16bit_weights_on_model_save": False,
         "stage3_param_persistence_threshold": t.zero_persistence_threshold,
     }
-    return common.deepspeed_config(t.batch_size, t.micro_batch_size, t.workers, cfg.optim.grad_clip, t.use_gpu, zero)
+    bf16 = mixed_precision(t.precision, t.use_gpu)
+    return common.deepspeed_config(t.batch_size, t.micro_batch_size, t.workers, cfg.optim.grad_clip, bf16, zero)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,18 +168,83 @@ class _Budgets:
             self._iterator = None
 
 
-def _export(engine: Any, model: torch.nn.Module, out: str, cfg: VitokConfig, step: int, rank: int) -> None:
-    """Gather the full weights parameter by parameter (ZeRO-3 holds shards) and write the published layout."""
+def build_model(cfg: VitokConfig, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The autoencoder, built under DeepSpeed's zero.Init at ZeRO stage 3: each module's parameters are
+    partitioned as its constructor returns, so a rank holds its shards plus one module at a time in
+    full, never the whole fp32 model (20 GB at 5B). The same seed on every rank gives one model."""
     deepspeed = import_deepspeed()
-    state = {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0:
-                state[name] = param.detach().float().cpu().clone()
+    spec = parse_variant(cfg.model.variant)
+    options = {
+        "layer_scale_init": cfg.model.layer_scale_init,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+    }
+    torch.manual_seed(cfg.train.seed)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # zero.Init reads the world size from DeepSpeed's communicator: wrap the process group Ray Train
+        # (or the caller) made, as deepspeed.initialize would.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return build_autoencoder(spec, **options)
+    return build_autoencoder(spec, **options)
+
+
+def setup_training(cfg: VitokConfig, device: torch.device) -> tuple[Any, Any, ReconstructionLoss, int]:
+    """(DeepSpeed engine, its optimizer, the loss on `device`, parameter count) for this rank."""
+    deepspeed = import_deepspeed()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # zero.Init and DeepSpeed allocate on the current device
+    ds_config = deepspeed_config(cfg)
+    model = build_model(cfg, ds_config)
+    spec = parse_variant(cfg.model.variant)
+    with torch.device("meta"):  # shards report 0 elements; count on an empty model
+        n_params = count_parameters(build_autoencoder(spec))["total"]
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    return engine, optimizer, ReconstructionLoss(cfg.loss, spec.patch_size).to(device), n_params
+
+
+def micro_step(
+    engine: Any,
+    loss_fn: ReconstructionLoss,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    poison: bool = False,
+    timings: dict[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Forward, loss, backward and DeepSpeed step on one device batch (fp32 pixels; the model gets them
+    in its own dtype, the loss compares with the fp32 target). Returns the loss terms and `finite` (1 when
+    every rank's loss is finite) as device tensors: nothing here reads the device.
+
+    A rank whose loss is not finite makes every rank's gradients NaN, so DeepSpeed's own check drops the
+    step's update on all ranks and clears the accumulated gradients (`poison` forces this, for tests).
+    `timings` accumulates host seconds in forward + backward and in DeepSpeed's step (on a GPU, host time:
+    where the host waits, not kernel time)."""
+    started = time.perf_counter()
+    model_dtype = next(engine.module.parameters()).dtype
+    terms = loss_fn(engine({**batch, "patches": batch["patches"].to(model_dtype)})["patches"].float(), batch, generator)
+    loss = terms["loss"]
+    if poison:
+        loss = terms["loss"] = loss * float("nan")
+    finite = torch.isfinite(loss.detach()).float()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    engine.backward(loss * torch.where(finite > 0, 1.0, float("nan")))
+    stepping = time.perf_counter()
+    engine.step()
+    if timings is not None:
+        timings["forward_backward_s"] = timings.get("forward_backward_s", 0.0) + stepping - started
+        timings["optimizer_s"] = timings.get("optimizer_s", 0.0) + time.perf_counter() - stepping
+    return {**{name: value.detach() for name, value in terms.items()}, "finite": finite}
+
+
+def _export(engine: Any, out: str, cfg: VitokConfig, step: int, rank: int) -> None:
+    """Write the fp32 master weights (gathered from the ZeRO shards; every rank takes part) in the
+    published layout."""
+    state = full_fp32_state(engine, rank)
     if rank == 0:
-        state.update(
-            {name: b.detach().cpu().clone() for name, b in model.named_buffers() if name in model.state_dict()}
-        )
         metadata = {"variant": cfg.model.variant, "config_hash": config_hash(cfg), "step": step, "run": out}
         save_published(state, join(out, "export"), metadata=metadata)
 
@@ -187,7 +255,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     setup_logging()
-    deepspeed = import_deepspeed()
     cfg = config_from_dict(config["config"])
     out, ingest = config["out"], config["ingest"]
     context = ray.train.get_context()
@@ -198,19 +265,8 @@ def train_loop(config: dict[str, Any]) -> None:
     micro, accumulation = micro_batch_and_accumulation(cfg)
 
     # Model, optimizer, engine. The same seed everywhere: every rank builds the same initial weights.
-    torch.manual_seed(cfg.train.seed)
+    engine, optimizer, loss_fn, n_params = setup_training(cfg, device)
     spec = parse_variant(cfg.model.variant)
-    model = build_autoencoder(
-        spec, layer_scale_init=cfg.model.layer_scale_init, activation_checkpointing=cfg.model.activation_checkpointing
-    )
-    n_params = count_parameters(model)["total"]
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
-    )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
-    )
-    loss_fn = ReconstructionLoss(cfg.loss, spec.patch_size).to(device)
     peak, peak_source = peak_flops(
         torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops
     )
@@ -247,35 +303,28 @@ def train_loop(config: dict[str, Any]) -> None:
 
         engine.train()
         started = time.perf_counter()
-        sums: dict[str, float] = {}
-        tokens, wait, finite_step = 0, 0.0, True
-        grids = set()
-        for micro_step in range(accumulation):
+        # Everything a step measures stays on the device until one read at its end (StepStats).
+        stats, grids, timings = StepStats(device), set(), {}
+        for micro in range(accumulation):
             batch, waited = budgets.next(budget)
-            wait += waited
+            stats.add("data_wait_s", waited)
+            stats.add("tokens", valid_tokens(batch))  # host tensors: no device read
             grids.add(grid_of(batch))
-            tokens += valid_tokens(batch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if cfg.train.use_gpu:
-                batch["patches"] = batch["patches"].to(torch.bfloat16)
-            seed = np.random.default_rng([cfg.train.seed, rank, step, micro_step]).integers(2**62)
+            seed = np.random.default_rng([cfg.train.seed, rank, step, micro]).integers(2**62)
             generator = torch.Generator().manual_seed(int(seed))  # tile origins: a function of the step
-            terms = loss_fn(engine(batch)["patches"].float(), batch, generator)
-            loss = terms["loss"]
-            if step in cfg.train.faults.nan_at_steps:
-                loss = terms["loss"] = loss * float("nan")
-            finite = all_reduce([float(torch.isfinite(loss.detach()))], dist.ReduceOp.MIN)[0] > 0
-            if not finite:
-                # Make every gradient non-finite, so DeepSpeed's own check drops this step's update on
-                # every rank and clears the accumulated gradients.
-                finite_step = False
-                loss = loss * torch.tensor(float("nan"), device=loss.device)
-            engine.backward(loss)
-            engine.step()
+            poison = step in cfg.train.faults.nan_at_steps
+            terms = micro_step(engine, loss_fn, to_device(batch, device), generator, poison, timings)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) / accumulation
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                stats.add(name, value / accumulation if name != "finite" else value)
+        grad_norm = engine.get_global_grad_norm()  # DeepSpeed's: a tensor, or inf on a dropped step
+        stats.add("grad_norm", grad_norm if grad_norm is not None else float("nan"))
+        for name, seconds in timings.items():
+            stats.add(name, seconds)
+        reading = time.perf_counter()
+        reduced = stats.reduce_and_read()  # the step's one device-to-host read
+        sync_s = time.perf_counter() - reading
+        finite_step = reduced.pop("finite") == accumulation * world
+        grad_norm = reduced.pop("grad_norm") / world  # the same global norm on every rank
         if not finite_step or not np.isfinite(grad_norm):
             state["skipped_steps"] += 1
             bad_in_a_row += 1
@@ -293,9 +342,7 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             bad_in_a_row = 0
         elapsed = time.perf_counter() - started
-
-        reduced = all_reduce([tokens, wait, *sums.values()], dist.ReduceOp.SUM)
-        global_tokens = reduced[0]
+        global_tokens = reduced.pop("tokens")
         seq_len = grids.pop()
         seq_len = seq_len[0] * seq_len[1]
         state["step"] = step + 1
@@ -308,8 +355,11 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens": global_tokens,
             "tokens_per_s": global_tokens / elapsed,
             "step_s": elapsed,
-            "data_wait_s": reduced[1] / world,
-            **{name: value / world for name, value in zip(sums, reduced[2:], strict=True)},
+            "data_wait_s": reduced.pop("data_wait_s") / world,
+            "forward_backward_s": reduced.pop("forward_backward_s") / world,
+            "optimizer_s": reduced.pop("optimizer_s") / world,
+            "sync_s": sync_s,  # rank 0's wait in the step's one reduce + read
+            **{name: value / world for name, value in reduced.items()},  # the loss terms, averaged
             "skipped_steps": state["skipped_steps"],
             "restores": state["restores"],
         }
@@ -332,7 +382,7 @@ def train_loop(config: dict[str, Any]) -> None:
             last_checkpoint = ray.train.Checkpoint(join(out, checkpoint_name(state["step"])))
     budgets.close()
     if state["step"] == total:
-        _export(engine, engine.module, out, cfg, total, rank)
+        _export(engine, out, cfg, total, rank)
 
 
 # ------------------------------------------------------------------------------------------------

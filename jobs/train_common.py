@@ -49,10 +49,57 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-def all_reduce(values: list[float], op: dist.ReduceOp) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
+class StepStats:
+    """A step's numbers, kept where they are until the step ends, then reduced and read back at once.
+
+    `add` accumulates device tensors (loss terms, flags) without reading them, and host numbers (tokens,
+    data wait) as floats. `reduce_and_read` copies the host numbers to the device (from pinned memory,
+    asynchronously, on CUDA), all-reduces everything in one SUM and reads it back: the only host sync of
+    a training step outside DeepSpeed's own step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.on_device: dict[str, torch.Tensor] = {}
+        self.on_host: dict[str, float] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().double().reshape(())
+            self.on_device[name] = self.on_device[name] + value if name in self.on_device else value
+        else:
+            self.on_host[name] = self.on_host.get(name, 0.0) + float(value)
+
+    def reduce_and_read(self) -> dict[str, float]:
+        pinned = self.device.type == "cuda"
+        host = torch.tensor(list(self.on_host.values()), dtype=torch.float64, pin_memory=pinned)
+        parts = [host.to(self.device, non_blocking=True), *(v.to(self.device) for v in self.on_device.values())]
+        stacked = torch.cat([p.reshape(-1) for p in parts])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        names = [*self.on_host, *self.on_device]
+        self.on_device, self.on_host = {}, {}
+        return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def full_fp32_state(engine: Any, rank: int) -> dict[str, torch.Tensor]:
+    """The model's full fp32 master weights (+ buffers) on rank 0's CPU ({} on other ranks); every rank
+    must call it. In bf16 the module's own parameters are bf16 copies: the masters live in the optimizer
+    (ZeRO-partitioned), so they are gathered one parameter at a time with DeepSpeed's accessor."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:  # no optimizer-held master: a plain fp32 parameter is its own master
+            if param.dtype != torch.float32 or hasattr(param, "ds_id"):
+                raise RuntimeError(f"no fp32 master weight for {name} ({param.dtype}); bf16 needs ZeRO stage >= 1")
+            full = param.detach()
+        if rank == 0:
+            state[name] = full.detach().float().cpu().clone()
+    if rank == 0:
+        names = set(module.state_dict())
+        state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers() if name in names})
+    return state
 
 
 def micro_batch_and_accumulation(batch_size: int, micro_batch_size: int, workers: int) -> tuple[int, int]:
@@ -62,16 +109,17 @@ def micro_batch_and_accumulation(batch_size: int, micro_batch_size: int, workers
 
 
 def deepspeed_config(
-    batch_size: int, micro_batch_size: int, workers: int, grad_clip: float, use_gpu: bool, zero: dict[str, Any]
+    batch_size: int, micro_batch_size: int, workers: int, grad_clip: float, bf16: bool, zero: dict[str, Any]
 ) -> dict[str, Any]:
-    """A DeepSpeed config: bf16 on GPU, fp32 on CPU, our own torch optimizer (no JIT-compiled FusedAdam)."""
+    """A DeepSpeed config: bf16 modules with fp32 masters, or fp32; our own torch optimizer (no
+    JIT-compiled FusedAdam)."""
     micro, accumulation = micro_batch_and_accumulation(batch_size, micro_batch_size, workers)
     return {
         "train_batch_size": batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": grad_clip,
-        "bf16": {"enabled": bool(use_gpu)},
+        "bf16": {"enabled": bool(bf16)},
         "zero_optimization": {"contiguous_gradients": True, **zero},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

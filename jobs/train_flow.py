@@ -27,15 +27,15 @@ import fsspec
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from safetensors.torch import save as save_bytes
 
 from jobs import train_common as common
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.train_common import (
-    all_reduce,
+    StepStats,
     fit,
+    full_fp32_state,
     import_deepspeed,
     inject_fault,
     load_checkpoint,
@@ -44,16 +44,17 @@ from jobs.train_common import (
 )
 from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_key, write_json
-from vitok_core.config import VitokConfig, config_from_dict, config_hash, to_dict
+from vitok_core.config import VitokConfig, config_from_dict, config_hash, mixed_precision, to_dict
 from vitok_core.flow import EMA, flow_loss
 from vitok_core.loader import LatentLoader, ShardIndex
 from vitok_core.model.dit import build_dit
+from vitok_core.naflex import to_device
 from vitok_core.optim import parameter_groups
 from vitok_core.schedules import lr_at_step
 
 log = logging.getLogger("vitok.train_flow")
 
-CODE_VERSION = "train_flow-1"
+CODE_VERSION = "train_flow-2"  # 2: fp32 EMA, t and RoPE, fp32 master export
 _NOT_IN_KEY = (
     "root",
     "cache",
@@ -107,8 +108,9 @@ def micro_batch_and_accumulation(cfg: VitokConfig) -> tuple[int, int]:
 
 def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
     f = cfg.flow
+    bf16 = mixed_precision(f.precision, f.use_gpu)
     return common.deepspeed_config(
-        f.batch_size, f.micro_batch_size, f.workers, f.grad_clip, f.use_gpu, {"stage": f.zero_stage}
+        f.batch_size, f.micro_batch_size, f.workers, f.grad_clip, bf16, {"stage": f.zero_stage}
     )
 
 
@@ -122,10 +124,33 @@ def cache_files(cache: str) -> tuple[pafs.FileSystem, list[str]]:
 # ------------------------------------------------------------------------------------------------
 # Inside a Ray Train worker
 # ------------------------------------------------------------------------------------------------
-def _export(model: torch.nn.Module, ema: EMA, out: str, cfg: VitokConfig, stats: dict, step: int) -> None:
+def setup_training(cfg: VitokConfig, stats: dict, device: torch.device) -> tuple[Any, Any, EMA]:
+    """(DeepSpeed engine, its optimizer, the EMA) for this rank. The EMA is copied from the fp32 model
+    before DeepSpeed casts it to bf16, and stays fp32 (vitok_core.flow.EMA)."""
+    deepspeed = import_deepspeed()
+    f = cfg.flow
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(f.seed)  # the same seed everywhere: every rank builds the same initial weights
+    model = build_dit(f.size, stats["channels"], len(stats["classes"]))
+    ema = EMA(model, f.ema_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, f.weight_decay), lr=f.lr, betas=tuple(f.betas))
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
+    )
+    ema.model.to(device)
+    return engine, optimizer, ema
+
+
+def _export(engine: Any, ema: EMA, out: str, cfg: VitokConfig, stats: dict, step: int, rank: int) -> None:
+    """dit.safetensors: the fp32 master weights (every rank takes part in gathering them); dit_ema: the
+    fp32 EMA."""
+    masters = full_fp32_state(engine, rank)
+    if rank != 0:
+        return
     fs, path = fsspec.core.url_to_fs(join(out, "export"))
     fs.makedirs(path, exist_ok=True)
-    for name, state in (("dit", model.state_dict()), ("dit_ema", ema.state_dict())):
+    for name, state in (("dit", masters), ("dit_ema", ema.state_dict())):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
         with fs.open(f"{path}/{name}.safetensors", "wb") as f:
             f.write(save_bytes(tensors, metadata={"format": "pt"}))
@@ -149,7 +174,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     setup_logging()
-    deepspeed = import_deepspeed()
     cfg = config_from_dict(config["config"])
     out, cache, stats = config["out"], config["cache"], config["stats"]
     f = cfg.flow
@@ -159,14 +183,9 @@ def train_loop(config: dict[str, Any]) -> None:
     stop = min(f.steps, f.stop_at_step or f.steps)
     micro, accumulation = micro_batch_and_accumulation(cfg)
 
-    torch.manual_seed(f.seed)
-    model = build_dit(f.size, stats["channels"], len(stats["classes"]))
-    null_class = model.null_class
-    optimizer = torch.optim.AdamW(parameter_groups(model, f.weight_decay), lr=f.lr, betas=tuple(f.betas))
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
-    )
-    ema = EMA(engine.module, f.ema_decay)
+    engine, optimizer, ema = setup_training(cfg, stats, device)
+    null_class = engine.module.null_class
+    model_dtype = next(engine.module.parameters()).dtype
     state: dict[str, Any] = {"step": 0, "position": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -197,35 +216,35 @@ def train_loop(config: dict[str, Any]) -> None:
             group["lr"] = lr
         engine.train()
         started = time.perf_counter()
-        loss_sum, tokens, wait = 0.0, 0, 0.0
-        for micro_step in range(accumulation):
+        measured = StepStats(device)  # read once, at the end of the step
+        for micro in range(accumulation):
             t0 = time.perf_counter()
             batch = next(batches)
-            wait += time.perf_counter() - t0
+            measured.add("data_wait_s", time.perf_counter() - t0)
+            measured.add("tokens", int(batch["patch_mask"].sum()))  # host tensor: no device read
             state["position"] += 1
-            batch = {k: v.to(device) for k, v in batch.items()}
-            x = batch["x"].to(torch.bfloat16) if f.use_gpu else batch["x"]
-            seed = np.random.default_rng([f.seed, rank, step, micro_step]).integers(2**62)
+            batch = to_device(batch, device, model_dtype)  # x in the model's dtype; t and noise stay fp32
+            seed = np.random.default_rng([f.seed, rank, step, micro]).integers(2**62)
             generator = torch.Generator().manual_seed(int(seed))  # t, noise and label drops: a function of the step
-            loss = flow_loss(engine, x, batch["labels"], batch, generator, f.label_dropout, null_class)
+            loss = flow_loss(engine, batch["x"], batch["labels"], batch, generator, f.label_dropout, null_class)
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach()) / accumulation
-            tokens += int(batch["patch_mask"].sum())
+            measured.add("loss", loss / accumulation)
         ema.update(engine.module)
         grad_norm = engine.get_global_grad_norm()
+        measured.add("grad_norm", grad_norm if grad_norm is not None else float("nan"))
+        reduced = measured.reduce_and_read()
         elapsed = time.perf_counter() - started
-        reduced = all_reduce([loss_sum, tokens, wait], dist.ReduceOp.SUM)
         state["step"] = step + 1
         metrics = {
             "step": step + 1,
-            "loss": reduced[0] / world,
+            "loss": reduced["loss"] / world,
             "lr": lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens": reduced[1],
-            "tokens_per_s": reduced[1] / elapsed,
+            "grad_norm": reduced["grad_norm"] / world,  # the same global norm on every rank
+            "tokens": reduced["tokens"],
+            "tokens_per_s": reduced["tokens"] / elapsed,
             "step_s": elapsed,
-            "data_wait_s": reduced[2] / world,
+            "data_wait_s": reduced["data_wait_s"] / world,
         }
         done = state["step"] == stop
         if (state["step"] % f.log_every == 0 or done) and rank == 0:
@@ -239,8 +258,8 @@ def train_loop(config: dict[str, Any]) -> None:
             files = {"config.yaml": OmegaConf.to_yaml(cfg)}
             save_checkpoint(engine, {**state, "ema": ema.state_dict()}, metrics, rank, files)
     batches.close()
-    if state["step"] == f.steps and rank == 0:
-        _export(engine.module, ema, out, cfg, stats, f.steps)
+    if state["step"] == f.steps:
+        _export(engine, ema, out, cfg, stats, f.steps, rank)
 
 
 # ------------------------------------------------------------------------------------------------

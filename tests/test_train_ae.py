@@ -165,6 +165,27 @@ def test_non_finite_steps_on_s3(reference, s3_endpoint, photos):
     assert output_uri(cfg, IngestOutput(manifest["ingest"])) == result["output"]
 
 
+@pytest.mark.slow
+def test_bf16_run_follows_fp32_and_exports_the_fp32_masters(reference, photos, tmp_path):
+    """Mixed precision on CPU (DeepSpeed bf16 + ZeRO-3 over gloo, the GPU configuration): the loss curve
+    stays close to the fp32 reference's, and the export holds the fp32 master weights (as DeepSpeed's own
+    consolidation reads them from the last checkpoint), not the bf16 module copies."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg, manifest = reference
+    run = run_train(config(photos, tmp_path, f"train.ingest={manifest['ingest']}", "train.precision=bf16"))
+    assert run["status"] == "complete" and run["output"] != manifest["output"]  # precision is in the key
+    got, want = _losses(run["output"]), _losses(manifest["output"])
+    assert max(abs(a - b) / b for a, b in zip(got, want, strict=True)) < 0.05, (got, want)
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(join(run["output"], f"step-{STEPS:08d}"), tag="zero")
+    exported = build_autoencoder(cfg.model.variant)
+    load_published(exported, join(run["output"], "export"))
+    state = exported.state_dict()
+    assert all(torch.equal(state[k], masters[k].float()) for k in masters)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())  # not bf16 values
+
+
 def test_import_deepspeed_skips_compiling_muon_and_restores_torch_compile():
     compile_ = torch.compile
     deepspeed = import_deepspeed()

@@ -121,3 +121,34 @@ def test_flow_pause_and_resume_equals_uninterrupted(cache, trained, tmp_path):
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for a, b in zip(got, want, strict=True):  # data position, weights, optimizer, EMA and RNG restored
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_bf16_flow_keeps_an_fp32_ema_that_moves_and_exports_the_fp32_masters(cache, trained, tmp_path):
+    """Mixed precision on CPU (DeepSpeed bf16, ZeRO-2, gloo) at the paper's EMA decay: the EMA is fp32 and
+    moves, dit.safetensors holds the fp32 masters of the last checkpoint, and the loss follows fp32's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = run_flow(config(cache, tmp_path, "flow.precision=bf16", "flow.ema_decay=0.9999"))
+    assert run["status"] == "complete"
+    weights = {}
+    for name in ("dit", "dit_ema"):
+        with fsspec.open(join(run["export"], f"{name}.safetensors"), "rb") as f:
+            weights[name] = load_bytes(f.read())
+    masters = get_fp32_state_dict_from_zero_checkpoint(join(run["output"], f"step-{STEPS:08d}"), tag="zero")
+    assert weights["dit"].keys() == masters.keys()
+    assert all(torch.equal(weights["dit"][k], masters[k].float()) for k in masters)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())  # not the bf16 copies
+
+    torch.manual_seed(0)
+    init = build_dit("tiny", 16, 4).state_dict()
+    assert all(v.dtype == torch.float32 for v in weights["dit_ema"].values())
+    raw = sum(float(weights["dit"][k].sub(init[k]).norm()) for k in init)
+    ema = sum(float(weights["dit_ema"][k].sub(init[k]).norm()) for k in init)
+    # 16 steps at decay 0.9999 move the EMA by at most 1 - 0.9999**16 (0.16%) of the raw weights' path;
+    # a bf16 EMA would not move at all (its 1e-4 increments round away).
+    assert 0 < ema < (1 - 0.9999**STEPS) * raw * 1.01, (ema, raw)
+
+    got = [m["loss"] for m in read_metrics(run["output"])]
+    want = [m["loss"] for m in read_metrics(trained["output"])]
+    assert len(got) == len(want) == STEPS
+    assert max(abs(a - b) / b for a, b in zip(got, want, strict=True)) < 0.05, (got, want)

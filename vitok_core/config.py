@@ -94,7 +94,10 @@ class TrainConfig:
     root: str = "runs"  # the run goes to {root}/train_ae/{key}/ (local path or s3://)
     ingest: str = ""  # ingest output to train on; "" = the one this config's ingest section produces
     workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
-    use_gpu: bool = False  # bf16 on GPU; fp32 on CPU (gloo)
+    use_gpu: bool = False  # one GPU per worker, NCCL
+    # auto = bf16 on GPU, fp32 on CPU. bf16 keeps fp32 master weights (DeepSpeed); it also runs on CPU (gloo),
+    # which is how the mixed-precision path is tested without a GPU.
+    precision: str = "auto"
     cpus_per_worker: float = 1.0
     zero_stage: int = 3
     # ZeRO-3 keeps parameters below this many elements whole on every rank instead of gathering them
@@ -191,6 +194,7 @@ class FlowConfig:
     seed: int = 0
     workers: int = 2
     use_gpu: bool = False
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; bf16 needs zero_stage >= 1 (fp32 masters)
     cpus_per_worker: float = 1.0
     loader_workers: int = 0
     shuffle_window: int = 16
@@ -383,6 +387,11 @@ def config_hash(cfg: Any, length: int = 16) -> str:
 # --------------------------------------------------------------------------------------------------
 # Validation: every rule names its key, the bad value and what is allowed.
 # --------------------------------------------------------------------------------------------------
+def mixed_precision(precision: str, use_gpu: bool) -> bool:
+    """Whether a training section runs bf16 (with fp32 master weights): `precision`, or auto = on GPU."""
+    return precision == "bf16" or (precision == "auto" and use_gpu)
+
+
 def _rule(cfg: Any, key: str, ok: Callable[[Any], bool], need: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not ok(value):
@@ -477,6 +486,11 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "train.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3")
     _rule(cfg, "flow.size", lambda v: v in ("tiny", "S", "L", "G"), "tiny, S, L or G")
     _rule(cfg, "flow.zero_stage", lambda v: v in (0, 1, 2), "0, 1 or 2 (the EMA needs whole parameters)")
+    for section in ("train", "flow"):
+        _rule(cfg, f"{section}.precision", lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32")
+        if mixed_precision(getattr(cfg, section).precision, getattr(cfg, section).use_gpu):
+            need = ">= 1 in bf16 (DeepSpeed keeps fp32 master weights from stage 1)"
+            _rule(cfg, f"{section}.zero_stage", lambda v: v >= 1, need)
     _rule(cfg, "flow.ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     _rule(cfg, "flow.label_dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     _rule(cfg, "flow.sample.method", lambda v: v in ("euler", "heun"), "'euler' or 'heun'")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitok_core.metrics import FeatureStats, frechet_distance_of, psnr, ssim_image
-from vitok_core.naflex import collate, patchify, resize_to_budget, unpatchify
+from vitok_core.naflex import collate, patchify, resize_to_budget, to_device, unpatchify
 
 
 def setting_budget(setting: Mapping[str, Any], patch_size: int) -> int:
@@ -82,7 +82,7 @@ def reconstruct(model: nn.Module, images: Sequence[Tensor], batch_size: int, dev
     for members in by_grid.values():
         for first in range(0, len(members), batch_size):
             chunk = members[first : first + batch_size]
-            batch = {k: v.to(device) for k, v in collate([samples[i] for i in chunk]).items()}
+            batch = to_device(collate([samples[i] for i in chunk]), device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                 patches = model(batch)["patches"].float()
             for i, image in zip(chunk, unpatchify(patches, batch, p), strict=True):

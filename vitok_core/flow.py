@@ -39,14 +39,17 @@ def flow_loss(
     """Masked MSE between the predicted and the true velocity at logit-normal t. `null_class` defaults to
     `model.null_class` (give it when `model` is a wrapper, e.g. a DeepSpeed engine)."""
     b = x.shape[0]
-    t = logit_normal(b, generator).to(x.device, x.dtype)
-    noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
-    x_t = t[:, None, None] * x + (1 - t[:, None, None]) * noise
+    # t, the noise and the path are fp32 whatever the model's dtype (sampling integrates in fp32 too);
+    # only the model's input x_t takes x's dtype.
+    t = logit_normal(b, generator).to(x.device)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    data = x.float()
+    x_t = t[:, None, None] * data + (1 - t[:, None, None]) * noise
     null = model.null_class if null_class is None else null_class
     labels = drop_labels(labels, null, label_dropout, generator)
-    v = model(x_t, t, labels, positions)
+    v = model(x_t.to(x.dtype), t, labels, positions)
     mask = positions.get("patch_mask")
-    err = (v.float() - (x - noise).float()) ** 2
+    err = (v.float() - (data - noise)) ** 2
     if mask is None:
         return err.mean()
     mask = mask[..., None].float()
@@ -54,16 +57,22 @@ def flow_loss(
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers copied)."""
+    """Exponential moving average of a model's parameters, kept in fp32 whatever the model's dtype
+    (buffers copied).
+
+    At decay 0.9999 a step moves the average by 1e-4 of its gap to the weights: in bf16 (8 bits of
+    mantissa) such increments round to nothing and the average stands still. Build it from the fp32
+    weights (before a bf16 wrapper casts them); `update` may take bf16 weights: their rounding error
+    (<= 2^-9 relative) is averaged over the window, below what a bf16 sampler resolves."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for ema, param in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema.lerp_(param.detach().to(ema.dtype), 1.0 - self.decay)
+            ema.lerp_(param.detach().float(), 1.0 - self.decay)
         for ema, buf in zip(self.model.buffers(), model.buffers(), strict=True):
             ema.copy_(buf)
 
@@ -71,6 +80,8 @@ class EMA:
         return self.model.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
+            raise ValueError("an EMA state must be fp32 (this one was saved in a lower precision)")
         self.model.load_state_dict(state)
 
 

@@ -115,6 +115,26 @@ def collate(samples: Sequence[Mapping[str, Tensor]], max_tokens: int | None = No
     return batch
 
 
+# Shape metadata that Python code reads (canvas size, tile origins, whether a batch is padded): kept on the
+# host, so reading it never waits for the accelerator.
+HOST_KEYS = ("grid", "orig_size")
+
+
+def to_device(batch: Mapping[str, Tensor], device: torch.device | str, dtype: torch.dtype | None = None) -> PatchDict:
+    """Move a batch's token tensors to `device` (the pixels / latents cast to `dtype` when given); the
+    HOST_KEYS stay where they are. Copies are asynchronous from pinned memory."""
+    out = {}
+    for key, value in batch.items():
+        if key in HOST_KEYS:
+            out[key] = value
+            continue
+        value = value.to(device, non_blocking=True)
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        out[key] = value
+    return out
+
+
 def _batched(x: Tensor, ndim: int) -> Tensor:
     return x[None] if x.ndim == ndim - 1 else x
 

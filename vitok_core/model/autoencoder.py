@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vitok_core.model.layers import Block, attention_mask, rope_2d
+from vitok_core.model.layers import Block, Linear, attention_mask, dense_hint, rope_2d
 from vitok_core.variants import TowerSpec, VariantSpec, parse_variant
 
 # Parameter-name prefixes of the published encoder.safetensors / decoder.safetensors.
@@ -49,21 +49,14 @@ class Autoencoder(nn.Module):
         self.local_window = local_window
         self.rope_theta = rope_theta
         enc, dec = spec.encoder, spec.decoder
-        self.patch_embed = nn.Linear(spec.pixels_per_token, enc.width)
+        # Every submodule initialises itself in its constructor (ViT-style linears, norms at 1, LayerScale
+        # at its init value), so building under DeepSpeed's zero.Init gives the same weights (layers.Linear).
+        self.patch_embed = Linear(spec.pixels_per_token, enc.width)
         self.encoder_blocks = _blocks(enc, layer_scale_init)
-        self.to_code = nn.Linear(enc.width, spec.channels)
-        self.decoder_embed = nn.Linear(spec.channels, dec.width)
+        self.to_code = Linear(enc.width, spec.channels)
+        self.decoder_embed = Linear(spec.channels, dec.width)
         self.decoder_blocks = _blocks(dec, layer_scale_init)
-        self.to_pixels = nn.Linear(dec.width, spec.pixels_per_token)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # ViT-style init; norms start at 1 and LayerScale at its init value (set by the modules).
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        self.to_pixels = Linear(dec.width, spec.pixels_per_token)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check_tokens(self, batch: Mapping[str, Tensor], key: str, dim: int) -> Tensor:
@@ -84,7 +77,7 @@ class Autoencoder(nn.Module):
     def _run_blocks(self, blocks: nn.ModuleList, x: Tensor, batch: Mapping[str, Tensor], head_dim: int) -> Tensor:
         row, col = batch["row_idx"], batch["col_idx"]
         rope = rope_2d(row, col, head_dim, self.rope_theta)
-        mask = attention_mask(batch["patch_mask"], row, col, self.local_window)
+        mask = attention_mask(batch["patch_mask"], row, col, self.local_window, dense_hint(batch, x.shape[1]))
         for block in blocks:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitok_core.model.layers import Attention, SwiGLU, attention_mask, rope_2d
+from vitok_core.model.layers import Attention, SwiGLU, attention_mask, dense_hint, rope_2d
 from vitok_core.variants import TowerSpec
 
 # Paper sizes (~450M "L", ~1.2B "G") with SwiGLU MLPs; "tiny" and "S" are ours, for CPUs and tests.
@@ -101,11 +101,14 @@ class DiT(nn.Module):
             raise ValueError(f"latent tokens have {x.shape[-1]} channels; this DiT takes {self.channels}")
         row, col = positions["row_idx"], positions["col_idx"]
         mask = positions.get("patch_mask")
+        dense = True if mask is None else dense_hint(positions, x.shape[1])
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         rope = rope_2d(row, col, self.spec.head_dim, self.rope_theta)
-        attn_mask = attention_mask(mask, row, col)
-        cond = self.time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.class_embed(labels)
+        attn_mask = attention_mask(mask, row, col, dense=dense)
+        # t stays fp32 up to the embedding (bf16 has ~3 significant digits of t); the embedding's output,
+        # an activation, takes the model's dtype.
+        cond = self.time_mlp(timestep_embedding(t.float(), 256).to(x.dtype)) + self.class_embed(labels)
         h = self.in_proj(x)
         for block in self.blocks:
             h = block(h, cond, rope, attn_mask)

@@ -5,11 +5,26 @@ Parameter names follow the published checkpoint layout (method.md section 1), so
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 Rope = tuple[Tensor, Tensor]
+
+
+class Linear(nn.Linear):
+    """nn.Linear initialised ViT-style (trunc-normal std 0.02, zero bias) in its own constructor.
+
+    Initialising inside the constructor matters under DeepSpeed's `zero.Init`, which partitions each
+    module's parameters as soon as its constructor returns: a model-wide init pass afterwards would see
+    empty shards. Every rank draws the same values from the same seed, so the shards form one model."""
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -40,15 +55,38 @@ def rope_2d(row: Tensor, col: Tensor, head_dim: int, theta: float = 10000.0) -> 
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
-    """Rotate interleaved pairs (x[..., 0::2], x[..., 1::2]) of x [B, H, N, D] by the [B, N, D/2] tables."""
-    cos, sin = (t[:, None].to(x.dtype) for t in rope)
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    """Rotate interleaved pairs (x[..., 0::2], x[..., 1::2]) of x [B, H, N, D] by the [B, N, D/2] tables.
+
+    The rotation is computed in fp32 (or x's dtype if wider): bf16 tables (8 bits of mantissa) would blur the
+    angles of distant positions, which is what RoPE encodes."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = (t[:, None].to(dtype) for t in rope)
+    x_even, x_odd = x[..., 0::2].to(dtype), x[..., 1::2].to(dtype)
     rotated = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
-    return rotated.flatten(-2)
+    return rotated.flatten(-2).to(x.dtype)
 
 
-def attention_mask(patch_mask: Tensor, row: Tensor, col: Tensor, local_window: int | None = None) -> Tensor | None:
+def dense_hint(positions: Mapping[str, Tensor], tokens: int) -> bool | None:
+    """Whether every token of the batch is valid, known without reading the device: from the host-side
+    `grid` (rows x cols of each sample == the token count), or from `patch_mask` when it is on the CPU.
+    None when only a device tensor could tell (reading it would stall the GPU queue)."""
+    grid = positions.get("grid")
+    if grid is not None and grid.device.type == "cpu":
+        grid = grid.reshape(-1, 2)
+        return bool((grid[:, 0] * grid[:, 1] == tokens).all())
+    mask = positions.get("patch_mask")
+    if mask is not None and mask.device.type == "cpu":
+        return bool(mask.bool().all())
+    return None
+
+
+def attention_mask(
+    patch_mask: Tensor, row: Tensor, col: Tensor, local_window: int | None = None, dense: bool | None = None
+) -> Tensor | None:
     """Boolean SDPA mask (True = attend) that masks padded tokens on the key side only.
+
+    `dense` (see `dense_hint`): True gives no mask at all, so SDPA may use its fastest (flash) kernel;
+    None (unknown) keeps the mask rather than reading the device to find out.
 
     Masking queries too would leave fully masked rows, whose softmax is NaN (and NaN * 0 is still NaN).
     With `local_window` w, a query also only sees keys with |d_row| <= w and |d_col| <= w (inference
@@ -56,7 +94,7 @@ def attention_mask(patch_mask: Tensor, row: Tensor, col: Tensor, local_window: i
     """
     keys = patch_mask.bool()
     if local_window is None:
-        return None if bool(keys.all()) else keys[:, None, None, :]
+        return None if dense else keys[:, None, None, :]
     near = ((row[:, :, None] - row[:, None, :]).abs() <= local_window) & (
         (col[:, :, None] - col[:, None, :]).abs() <= local_window
     )
@@ -74,10 +112,10 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.head_dim = dim // heads
-        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_proj = Linear(dim, 3 * dim, bias=False)
         self.norm_q = RMSNorm(self.head_dim, eps)
         self.norm_k = RMSNorm(self.head_dim, eps)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
         b, n, d = x.shape
@@ -95,8 +133,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.fc1 = Linear(dim, 2 * hidden, bias=False)
+        self.fc2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.fc1(x).chunk(2, dim=-1)
