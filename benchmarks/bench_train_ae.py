@@ -85,8 +85,9 @@ def prepare_source(n: int) -> Path:
     return folder
 
 
-def bare_loop(cfg: Any, ingest_uri: str, steps: int, cores: int) -> dict[str, Any]:
-    """The same training step in one process: no Ray, no DeepSpeed, no collectives."""
+def bare_loop(cfg: Any, ingest_uri: str, steps: int, cores: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """The same training step in one process: no Ray, no DeepSpeed, no collectives. With `world` > 1 it
+    trains on shard `rank` with batch / world images (one of a pair of independent loops)."""
     from vitok_core.loader import Augment, BucketLoader, ShardIndex, valid_tokens
     from vitok_core.losses import ReconstructionLoss
     from vitok_core.model import build_autoencoder, parse_variant
@@ -103,10 +104,10 @@ def bare_loop(cfg: Any, ingest_uri: str, steps: int, cores: int) -> dict[str, An
     )
     loss_fn = ReconstructionLoss(cfg.loss, spec.patch_size)
     budget = cfg.data.budgets[0]
-    index = ShardIndex.build(ingest_uri, budget, 0, 1)
+    index = ShardIndex.build(ingest_uri, budget, rank, world)
     loader = BucketLoader(
         index,
-        cfg.train.batch_size,
+        cfg.train.batch_size // world,
         cfg.train.seed,
         spec.patch_size,
         Augment.from_config(cfg.data.augment),
@@ -135,6 +136,23 @@ def bare_loop(cfg: Any, ingest_uri: str, steps: int, cores: int) -> dict[str, An
             | {"data_wait_s": t1 - t0, "forward_backward_s": t2 - t1, "optimizer_s": elapsed - (t2 - t0)}
         )
     return {"setup_s": setup, "steps": records}
+
+
+def _paired(arguments: tuple) -> dict[str, Any]:
+    overrides_, ingest_uri, steps, rank = arguments
+    from vitok_core.config import load_config
+
+    return bare_loop(load_config("tiny", overrides_), ingest_uri, steps, 1, rank, 2)
+
+
+def paired_bare_loops(overrides_: list[str], ingest_uri: str, steps: int, warmup: int) -> float:
+    """Two independent 1-thread bare loops at once, each on half the batch: what two busy processes get
+    from this machine's two cores, with no Ray and no communication (the ceiling for 2 workers)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        halves = pool.map(_paired, [(overrides_, ingest_uri, steps, rank) for rank in (0, 1)])
+    return sum(median_rate(half["steps"], warmup) for half in halves)
 
 
 def median_rate(records: list[dict], warmup: int) -> float:
@@ -184,6 +202,8 @@ def main() -> None:
         bares[threads]["tokens_per_s"] = median_rate(bares[threads]["steps"], args.warmup)
         print(f"  bare, {threads} thread(s): {bares[threads]['tokens_per_s']:.0f} tokens/s (median)", flush=True)
     torch.set_num_threads(cores)
+    pair_rate = paired_bare_loops(overrides(args, source, runs), ingest["output"], args.steps, args.warmup)
+    print(f"  2 bare loops at once, 1 thread each: {pair_rate:.0f} tokens/s together", flush=True)
 
     runs_to_do = [(2, threshold) for threshold in args.persistence] + [(1, args.persistence[0])]
     jobs = []
@@ -216,6 +236,8 @@ def main() -> None:
         label = f"bare loop, 1 process, {threads} thread(s)"
         rows.append([label, f"{bare['tokens_per_s']:.0f}", "1.00", f"{bare['setup_s']:.1f}"])
         breakdown.append([label, *phases(bare["steps"])])
+    rows.append(["2 bare loops at once, 1 thread each, half batch (vs 2 threads)", f"{pair_rate:.0f}",
+                 f"{pair_rate / bares[cores]['tokens_per_s']:.2f}", "-"])  # fmt: skip
     for job in jobs:
         label = f"job, {job['workers']} worker(s) x 1 CPU, persistence {job['threshold']:,}"
         vs = f" (vs {cores if job['workers'] == 2 else 1} thread(s))"
@@ -237,7 +259,8 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps(
-            {"args": vars(args), "variant": cfg.model.variant, "cores": cores, "bare": bares, "jobs": jobs},
+            {"args": vars(args), "variant": cfg.model.variant, "cores": cores, "bare": bares, "jobs": jobs}
+            | {"paired_bare_tokens_per_s": pair_rate},
             indent=1,
         )
     )

@@ -150,6 +150,7 @@ class _Budgets:
                 augment=Augment.from_config(cfg.data.augment),
                 window=cfg.train.shuffle_window,
                 workers=cfg.train.loader_workers,
+                pin_memory=cfg.train.use_gpu,
             )
             self._iterator = loader.batches(start=self.position[str(budget)])
             self.budget = budget

@@ -196,7 +196,15 @@ def train_loop(config: dict[str, Any]) -> None:
     filesystem, files = cache_files(cache)
     index = ShardIndex.from_files(filesystem, files, "bucket", 0, rank, world)
     loader = LatentLoader(
-        index, micro, f.seed, stats["classes"], stats["mean"], stats["std"], f.shuffle_window, f.loader_workers
+        index,
+        micro,
+        f.seed,
+        stats["classes"],
+        stats["mean"],
+        stats["std"],
+        f.shuffle_window,
+        f.loader_workers,
+        pin_memory=f.use_gpu,
     )
     batches = loader.batches(start=state["position"])
     if rank == 0:

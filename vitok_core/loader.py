@@ -258,8 +258,10 @@ class BucketLoader:
         window: int = 16,
         workers: int = 2,
         prefetch: int = 2,
+        pin_memory: bool = False,
     ) -> None:
         self.index, self.micro_batch, self.seed, self.patch_size = index, micro_batch, seed, patch_size
+        self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that do not block the host
         self.augment = augment or Augment()
         self.window, self.workers, self.prefetch = window, workers, prefetch
 
@@ -279,6 +281,7 @@ class BucketLoader:
             num_workers=self.workers,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
+            pin_memory=self.pin_memory,
             multiprocessing_context="spawn" if self.workers and os.name != "nt" else None,
         )
         iterator = iter(loader)
@@ -359,8 +362,9 @@ class LatentLoader(BucketLoader):
         std: Sequence[float],
         window: int = 16,
         workers: int = 0,
+        pin_memory: bool = False,
     ) -> None:
-        super().__init__(index, micro_batch, seed, patch_size=1, window=window, workers=workers)
+        super().__init__(index, micro_batch, seed, patch_size=1, window=window, workers=workers, pin_memory=pin_memory)
         self.classes, self.mean, self.std = list(classes), list(mean), list(std)
 
     def dataset(self) -> _RowGroups:

@@ -122,7 +122,8 @@ HOST_KEYS = ("grid", "orig_size")
 
 def to_device(batch: Mapping[str, Tensor], device: torch.device | str, dtype: torch.dtype | None = None) -> PatchDict:
     """Move a batch's token tensors to `device` (the pixels / latents cast to `dtype` when given); the
-    HOST_KEYS stay where they are. Copies are asynchronous from pinned memory."""
+    HOST_KEYS stay where they are. The copies are asynchronous when the batch is in pinned memory (the
+    training loaders pin their batches on GPU: `BucketLoader(pin_memory=True)`)."""
     out = {}
     for key, value in batch.items():
         if key in HOST_KEYS:
