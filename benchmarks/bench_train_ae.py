@@ -225,10 +225,11 @@ def main() -> None:
     ray.shutdown()
 
     def phases(records: list[dict]) -> list[str]:
-        """Median ms per step of each phase; 'other' = the step's rest (lr, batch transfer, bookkeeping)."""
+        """Mean ms per step of each phase (means, so that they add up to the step); 'other' = the step's
+        rest (lr, batch transfer, bookkeeping)."""
         kept = records[args.warmup :]
-        cols = [statistics.median(r.get(k, 0.0) for r in kept) for k in PHASES]
-        other = statistics.median(r["step_s"] for r in kept) - sum(cols)
+        cols = [statistics.fmean(r.get(k, 0.0) for r in kept) for k in PHASES]
+        other = statistics.fmean(r["step_s"] for r in kept) - sum(cols)
         return [f"{1000 * c:.0f}" for c in cols] + [f"{1000 * other:.0f}"]
 
     rows, breakdown = [], []
@@ -246,12 +247,13 @@ def main() -> None:
     print()
     print(format_table(["", "tokens/s", "ratio", "start-up s"], rows))
     print()
-    print("median ms per step (after warm-up):")
+    print("mean ms per step (after warm-up):")
     print(format_table(["", "data wait", "fwd + bwd", "optimizer step", "sync", "other"], breakdown))
     print("  persistence = train.zero_persistence_threshold (elements): smaller parameters stay whole on every rank;")
     print("  0 = every parameter is partitioned and gathered for each use. Start-up = run() wall - sum of step times")
     print("  (worker group, DeepSpeed initialize, checkpoints, export). data wait = decode + augment, inline.")
-    print("  optimizer step = DeepSpeed's step (ZeRO-3 gradient reduce-scatter, clipping, AdamW, re-partition);")
+    print("  fwd + bwd holds ZeRO-3's module hooks and, with 2 workers, the gradient reduce-scatter DeepSpeed starts")
+    print("  in backward; optimizer step = DeepSpeed's step (clipping, AdamW on the partition, re-partition);")
     print("  sync = the job's one all-reduce + read of the step's numbers (StepStats).")
     for job in jobs:
         met = "yes" if job["ratio"] >= 0.85 else "NO"
