@@ -49,7 +49,9 @@ from vitok_core.naflex import collate, preprocess, to_device
 
 log = logging.getLogger("vitok.cache_latents")
 
-CODE_VERSION = "cache_latents-2"  # 2: RoPE in fp32 under bf16 autocast
+# 2: RoPE in fp32 under bf16 autocast; 3: the NaFlex budget resize no longer clamps to [-1, 1] (as the reference
+# preprocessing), which changes the encoder's input, hence the latents, of every resized image
+CODE_VERSION = "cache_latents-3"
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),

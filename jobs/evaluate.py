@@ -54,6 +54,7 @@ from vitok_core.evaluation import (
     Accumulator,
     bicubic_down_up,
     compression_ratio,
+    describe_setting,
     reconstruct,
     reference_image,
     scores,
@@ -66,7 +67,9 @@ from vitok_core.model import build_autoencoder, parse_variant
 
 log = logging.getLogger("vitok.evaluate")
 
-CODE_VERSION = "evaluate-2"  # 2: SSIM rewrite, RoPE in fp32 under bf16 autocast
+# 2: SSIM rewrite, RoPE in fp32 under bf16 autocast; 3: native-mode reference images (the AE's input) are no
+# longer clamped to [-1, 1] after the bicubic resize (naflex.resize_to_budget), so their scores change slightly
+CODE_VERSION = "evaluate-3"
 REFERENCE = "reference"
 SAMPLES = "samples"
 # Settings that change how the job runs, not its numbers: not part of the key.
@@ -503,7 +506,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         "autoencoder": {"uri": models["ae"], "variant": infos["ae"]["variant"], "compression": ratios["ae"]},
         "baselines": {n: {"uri": u, "variant": infos[n]["variant"]} for n, u in models.items() if n != "ae"},
         "eval_set": {**eval_set, "rejected": len(rejected), "scored": len({r["id"] for r in per_image})},
-        "settings": [{**to_dict(s), "budget": setting_budget(to_dict(s), p["patch"])} for s in e.settings],
+        "settings": [settings_entry(to_dict(s), p["patch"]) for s in e.settings],
         "extractors": extractors,
         "results": results,
         "generation": generation,
@@ -539,9 +542,15 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     return manifest
 
 
+def settings_entry(setting: dict[str, Any], patch: int) -> dict[str, Any]:
+    """A setting as metrics.json records it: its config (mode included), resolved budget and a description of
+    how its reference images are made, so that a number says which protocol it came from."""
+    return {**setting, "budget": setting_budget(setting, patch), "description": describe_setting(setting, patch)}
+
+
 def headline(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The autoencoder's numbers per setting (what the CLI prints)."""
-    keys = ("setting", "images", "psnr", "ssim", "rfid")
+    keys = ("setting", "mode", "images", "psnr", "ssim", "rfid")
     return [{k: row.get(k) for k in keys} for row in metrics["results"] if row["model"] == "ae"]
 
 

@@ -28,7 +28,10 @@ from vitok_core.model import build_autoencoder
 
 pytestmark = pytest.mark.slow
 VARIANT = "Tid2-Tid4/1x16x16"
-SETTINGS = "evaluate.settings=[{name: 64p, size: 64, mode: center_crop}, {name: 128n, size: 128, mode: native}]"
+SETTINGS = (
+    "evaluate.settings=[{name: 64p, size: 64, mode: center_crop}, {name: 128n, size: 128, mode: native}, "
+    "{name: 96l, size: 96, mode: longest_side}]"
+)
 N_PHOTOS = 8
 
 
@@ -91,9 +94,13 @@ def test_local_run_with_crash_rerun_and_skip(ray_local, setup, tmp_path):
 
     metrics = read_json(join(out, "metrics.json"))
     assert metrics["eval_set"]["scored"] == N_PHOTOS
-    assert [s["budget"] for s in metrics["settings"]] == [16, 64]
+    assert [s["budget"] for s in metrics["settings"]] == [16, 64, 36]
+    # Every setting names its mode and how its reference images were made; so does every result row.
+    assert [s["mode"] for s in metrics["settings"]] == ["center_crop", "native", "longest_side"]
+    assert "Lanczos" in metrics["settings"][2]["description"] and "bicubic" in metrics["settings"][1]["description"]
     rows = {(r["setting"], r["model"]): r for r in metrics["results"]}
-    assert set(rows) == {(s, m) for s in ("64p", "128n") for m in ("ae", "baseline:other", "bicubic")}
+    assert set(rows) == {(s, m) for s in ("64p", "128n", "96l") for m in ("ae", "baseline:other", "bicubic")}
+    assert {r["mode"] for r in metrics["results"] if r["setting"] == "96l"} == {"longest_side"}
     for row in rows.values():
         assert row["images"] == N_PHOTOS and row["compression"] == 48
         assert np.isfinite([row["psnr"], row["ssim"], row["rfid"], row["rfdd_dinov2"]]).all()
@@ -108,22 +115,24 @@ def test_local_run_with_crash_rerun_and_skip(ray_local, setup, tmp_path):
     # Per-image scores: one row per image, setting and model, no duplicates after the crash; means agree.
     with fsspec.open(join(out, "per_image.parquet"), "rb") as f:
         table = pq.read_table(f).to_pylist()
-    assert len(table) == N_PHOTOS * 2 * 3 == len({(r["setting"], r["model"], r["id"]) for r in table})
+    assert len(table) == N_PHOTOS * 3 * 3 == len({(r["setting"], r["model"], r["id"]) for r in table})
     ae64 = [r["psnr"] for r in table if r["setting"] == "64p" and r["model"] == "ae"]
     assert np.mean(ae64) == pytest.approx(rows[("64p", "ae")]["psnr"])
     assert all(r["height"] == r["width"] == 64 for r in table if r["setting"] == "64p")
+    assert all(max(r["height"], r["width"]) == 96 for r in table if r["setting"] == "96l")
     rejected = read_json(join(out, "rejected.json"))["rejected"]
     assert len(rejected) == 1 and rejected[0]["id"].endswith("broken.jpg")
 
     # Every output: the report with its tables and warnings, valid PNGs, reusable reference statistics.
     text = Path(out, "report.md").read_text()
     assert "### 64p (center_crop, 64px, budget 16 tokens)" in text and "| bicubic |" in text
+    assert "### 96l (longest_side, 96px, budget 36 tokens)\n\nReference images: aspect ratio kept, longest" in text
     assert "randomly initialised" in text and "## Generation" in text
     for name, rel in metrics["figures"].items():
         width, height = png_ok(Path(out, rel).read_bytes())
         assert width > 200 and height > 100, name
         assert f"]({rel})" in text
-    assert {"metric_vs_resolution", "pareto", "recon_64p", "recon_128n"} <= set(metrics["figures"])
+    assert {"metric_vs_resolution", "pareto", "recon_64p", "recon_128n", "recon_96l"} <= set(metrics["figures"])
     stats = np.load(join(out, "reference_stats", "64p.npz"))
     assert stats["inception_mu"].shape == (2048,) and stats["dinov2_sigma"].shape == (384, 384)
 

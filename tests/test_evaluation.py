@@ -15,8 +15,10 @@ from vitok_core.evaluation import (
     bicubic_down_up,
     center_crop,
     compression_ratio,
+    describe_setting,
     reconstruct,
     reference_image,
+    resize_longest_side,
     scores,
     setting_budget,
 )
@@ -45,6 +47,32 @@ def test_center_crop_and_native_settings():
     assert torch.equal(reference_image(small, native, 16), small)  # never up-scaled
     with pytest.raises(ValueError, match="mode"):
         reference_image(photo, {**native, "mode": "zoom"}, 16)
+
+
+def test_longest_side_setting_is_the_authors_resize():
+    """The authors' eval_vae.py: resize_longest_side(S) on the decoded PIL image (torchvision's PIL path,
+    Lanczos), to_tensor, normalise to [-1, 1]; their patchify's (S/p)^2 cap does not bind when p divides S."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    photo = load_demo_images()[0][:, :300, :200]  # portrait 300 x 200, 8-bit values
+    setting = {"name": "l", "size": 160, "mode": "longest_side", "budget": 0}
+    ref = reference_image(photo, setting, 16)
+    assert ref.shape == (3, 160, 107)  # round(200 * 160 / 300) = 107: not a multiple of 16, the model pads
+    theirs = TF.resize(Image.fromarray(to_uint8(photo)), [160, 107], TF.InterpolationMode.LANCZOS, antialias=True)
+    want = TF.normalize(TF.to_tensor(theirs), [0.5] * 3, [0.5] * 3)
+    torch.testing.assert_close(ref, want, rtol=0, atol=1e-6)
+    small = photo[:, :120, :90]
+    assert torch.equal(reference_image(small, setting, 16), small)  # never up-scaled
+    landscape = photo.transpose(1, 2)  # 200 x 300: the width is the longest side
+    assert resize_longest_side(landscape, 160).shape == (3, 107, 160)
+    # A size that p does not divide: the token cap (100 // 16)^2 = 36 binds after the resize, as in patchify.
+    square = reference_image(photo[:, :200, :200], {**setting, "size": 100}, 16)
+    assert square.shape == (3, 96, 96)
+    assert "Lanczos" in describe_setting(setting, 16) and "never up" in describe_setting(setting, 16)
+    assert "fit 100 p16 tokens" in describe_setting({**setting, "mode": "native"}, 16)
+    with pytest.raises(ValueError, match="longest_side"):
+        describe_setting({**setting, "mode": "zoom"}, 16)
 
 
 def test_bicubic_baseline_at_the_autoencoder_compression():

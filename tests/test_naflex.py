@@ -281,22 +281,48 @@ def test_collate_empty_raises():
 # --------------------------------------------------------------------------------------------------
 
 
-def checkerboard(height, width):
-    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    board = torch.where((yy + xx) % 2 == 0, 1.0, -1.0)
-    return board.expand(3, height, width).clone()
+def step_edge(height, width):
+    """-1 left, +1 right: bicubic ringing overshoots [-1, 1] next to the edge by about 0.02."""
+    image = torch.full((3, height, width), -1.0)
+    image[..., width // 2 :] = 1.0
+    return image
+
+
+def float_bicubic(image, size):
+    """The reference preprocessing's resize: torch bicubic, antialiased, on the float image, nothing else."""
+    return F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)[0]
 
 
 @pytest.mark.parametrize(("height", "width", "budget"), [(375, 500, 256), (1080, 1920, 256), (100, 3000, 64)])
-def test_resize_to_budget_size_and_range(height, width, budget):
-    # A +-1 checkerboard makes bicubic ringing overshoot; the output must still be clamped to [-1, 1].
-    image = checkerboard(height, width)
+def test_resize_to_budget_size_and_no_clamp(height, width, budget):
+    # Bicubic ringing at a sharp edge overshoots [-1, 1]; the overshoot is kept, as the reference keeps it.
+    image = step_edge(height, width)
     out = resize_to_budget(image, P, budget)
-    assert tuple(out.shape) == (3, *fit_to_token_budget(height, width, P, budget))
+    size = fit_to_token_budget(height, width, P, budget)
+    assert tuple(out.shape) == (3, *size)
     assert out.dtype == image.dtype
-    assert out.min() >= -1.0 and out.max() <= 1.0
-    out = resize_to_budget(rand_image(height, width), P, budget)
-    assert out.min() >= -1.0 and out.max() <= 1.0
+    assert torch.equal(out, float_bicubic(image, size))
+    assert out.abs().max() > 1.0
+
+
+def test_model_input_is_the_float_bicubic_resize_without_clamp():
+    """What the encoder sees (preprocess, as cache_latents / evaluate / the loader build it) equals a float
+    bicubic antialiased resize of the float image: no clamp, no uint8 round trip, from a tensor or a photo."""
+    from PIL import Image
+
+    from vitok_core.demo import load_demo_images
+    from vitok_core.images import to_tensor, to_uint8
+
+    photo = Image.fromarray(to_uint8(load_demo_images()[0]))
+    image = to_tensor(photo)
+    size = fit_to_token_budget(*image.shape[-2:], P, 64)
+    assert size != tuple(image.shape[-2:])  # the budget resize really runs
+    want = patchify(float_bicubic(image, size), P)["patches"]
+    for given in (image, photo):
+        assert torch.equal(preprocess(given, P, 64)["patches"], want)
+    overshoot = step_edge(96, 160)
+    got = preprocess(overshoot, P, 16)["patches"]
+    assert torch.equal(got, patchify(float_bicubic(overshoot, (48, 80)), P)["patches"]) and got.abs().max() > 1.0
 
 
 def test_resize_to_budget_keeps_image_inside_budget():

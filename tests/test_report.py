@@ -64,6 +64,17 @@ def test_metric_vs_resolution_skips_metrics_no_row_has():
     png_size(metric_vs_resolution_png([]))
 
 
+def test_metric_vs_resolution_splits_lines_by_mode_only_when_modes_share_a_size():
+    from vitok_core.report import _line_labels
+
+    rows = [r | {"mode": "center_crop" if r["size"] < 1024 else "native"} for r in RESULTS]
+    assert {_line_labels(rows)(r) for r in rows} == {"ae", "bicubic", "baseline:sdvae"}
+    both = [*rows, result("1024l", 1024, "ae", psnr=26.0) | {"mode": "longest_side"}]
+    labels = {_line_labels(both)(r) for r in both}
+    assert {"ae (center_crop)", "ae (native)", "ae (longest_side)"} <= labels
+    png_size(metric_vs_resolution_png(both))
+
+
 def test_pareto_front_directions():
     points = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (2.0, 6.0)]
     assert pareto_front(points, higher_y_is_better=False) == [(1.0, 5.0), (2.0, 3.0), (4.0, 1.0)]
@@ -179,6 +190,7 @@ def metrics_json(random_init: bool = True, images: int = 12) -> dict:
         result("256p", 256, "ae", psnr=21.3, ssim=0.61, rfid=150.2, rfdd_dinov2=12.5),
         result("256p", 256, "bicubic", psnr=20.1, ssim=0.55, rfid=180.0, rfdd_dinov2=20.1),
         result("1024p", 1024, "ae", psnr=24.56789, ssim=0.712345),
+        result("1024l", 1024, "ae", psnr=25.1, ssim=0.73),
     ]
     sample = {"samples": "runs/train_flow/K3/samples/K4/samples.npz", "images": 8, "reference_setting": "256p"}
     return {
@@ -191,6 +203,13 @@ def metrics_json(random_init: bool = True, images: int = 12) -> dict:
         "settings": [
             {"name": "256p", "size": 256, "mode": "center_crop", "budget": 256},
             {"name": "1024p", "size": 1024, "mode": "native", "budget": 4096},
+            {
+                "name": "1024l",
+                "size": 1024,
+                "mode": "longest_side",
+                "budget": 4096,
+                "description": "longest side resized down to 1024px with PIL Lanczos",
+            },
         ],
         "extractors": {
             "inception": extractor("FID Inception-v3", 299, "default_1.pt", False),
@@ -217,6 +236,8 @@ def test_render_markdown_tables_and_links():
     assert "`runs/ingest/K2` (12 images)" in text and "2026-11-29T17:30:00Z" in text
     assert "### 256p (center_crop, 256px, budget 256 tokens)" in text
     assert "### 1024p (native, 1024px, budget 4096 tokens)" in text
+    longest = "### 1024l (longest_side, 1024px, budget 4096 tokens)\n\n"
+    assert longest + "Reference images: longest side resized down to 1024px with PIL Lanczos.\n" in text
     header = "| model | compression | images | PSNR (dB) | SSIM | rFID | rFDD (DINOv2) |"
     assert text.count(header) == 1  # 256p; rFDD (DINOv3) is None everywhere, so no such column
     assert "| ae | 48 | 12 | 21.30 | 0.6100 | 150.200 | 12.500 |" in text
@@ -243,7 +264,7 @@ def test_render_markdown_warnings():
     noisy = render_markdown(metrics_json(random_init=True, images=12), FIGURES)
     assert "> **Warning**" in noisy
     assert "> - dinov2 used randomly initialised weights: rFDD (DINOv2), gFDD (DINOv2) are NOT comparable" in noisy
-    assert "fewer than 2048 images" in noisy and "12 images in 256p, 1024p; 8 generated samples" in noisy
+    assert "fewer than 2048 images" in noisy and "12 images in 256p, 1024p, 1024l; 8 generated samples" in noisy
     small_only = render_markdown(metrics_json(random_init=False, images=12), FIGURES)
     assert "> **Warning**" in small_only and "randomly initialised" not in small_only
     clean_metrics = metrics_json(random_init=False, images=50_000)

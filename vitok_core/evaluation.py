@@ -7,6 +7,12 @@ Settings (method.md section 6):
 - native S: the aspect ratio is kept and the image is resized down (never up) to fit a token budget of the
   autoencoder's patch size (default (S / p)^2 tokens, i.e. about S x S pixels); sizes need not be
   multiples of p (the model pads, scores use the unpadded image).
+- longest_side S: the aspect ratio is kept and the longest side is resized down (never up) to S with PIL's
+  Lanczos filter on the 8-bit image: the authors' protocol for native-resolution numbers
+  (Na-VAE/vitok-release scripts/eval_vae.py: `resize_longest_side(S)|to_tensor|normalize|patchify(p, (S/p)^2)`,
+  vitok/pp/ops.py). Their patchify's token cap (S/p)^2 is applied after it, as a no-op whenever S is a
+  multiple of p. A 3000 x 2000 (w x h) photo is scored at 1024 x 683 here and at 1248 x 832 in native 1024p
+  mode (p 16): numbers of the two modes are not comparable.
 """
 
 from __future__ import annotations
@@ -19,14 +25,33 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from vitok_core.config import EVAL_MODES
+from vitok_core.images import to_tensor, to_uint8
 from vitok_core.metrics import FeatureStats, frechet_distance_of, psnr, ssim_image
 from vitok_core.naflex import collate, patchify, resize_to_budget, to_device, unpatchify
 
 
 def setting_budget(setting: Mapping[str, Any], patch_size: int) -> int:
+    """The setting's token budget (native) or token cap (longest_side): `budget`, else (size / p)^2."""
     return int(setting["budget"]) or (int(setting["size"]) // patch_size) ** 2
+
+
+def describe_setting(setting: Mapping[str, Any], patch_size: int) -> str:
+    """One line saying how a setting makes its reference images (metrics.json and report.md carry it)."""
+    size, mode, budget = int(setting["size"]), setting["mode"], setting_budget(setting, patch_size)
+    if mode == "center_crop":
+        return f"short side resized to {size}px (bicubic, antialiased, up or down), centre {size}x{size} crop"
+    if mode == "native":
+        return f"aspect ratio kept, resized down (bicubic, antialiased, never up) to fit {budget} p{patch_size} tokens"
+    if mode == "longest_side":
+        return (
+            f"aspect ratio kept, longest side resized down (never up) to {size}px with PIL Lanczos on 8-bit pixels "
+            f"(the authors' eval_vae.py), then capped at {budget} p{patch_size} tokens"
+        )
+    raise ValueError(f"unknown evaluation mode {mode!r}; expected one of {EVAL_MODES}")
 
 
 def _bicubic(image: Tensor, size: tuple[int, int]) -> Tensor:
@@ -46,13 +71,31 @@ def center_crop(image: Tensor, size: int) -> Tensor:
     return resized[:, top : top + size, left : left + size]
 
 
+def resize_longest_side(image: Tensor, size: int) -> Tensor:
+    """[3, h, w] -> longest side `size`, aspect ratio kept, never up-scaled: the authors' resize_longest_side
+    (round(h * scale), round(w * scale); PIL Lanczos on the 8-bit RGB image, which their loader decodes to).
+
+    The uint8 round trip is exact for our images (every decoder yields 8-bit RGB, see vitok_core.images)."""
+    h, w = image.shape[-2:]
+    if max(h, w) <= size:
+        return image
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = Image.fromarray(to_uint8(image)).resize((new_w, new_h), Image.Resampling.LANCZOS)
+    return to_tensor(resized)
+
+
 def reference_image(image: Tensor, setting: Mapping[str, Any], patch_size: int) -> Tensor:
-    """The image a setting scores against, [3, h, w] in [-1, 1]."""
-    if setting["mode"] == "center_crop":
+    """The image a setting scores against (and the autoencoder encodes), [3, h, w] in [-1, 1]."""
+    mode = setting["mode"]
+    if mode == "center_crop":
         return center_crop(image, int(setting["size"]))
-    if setting["mode"] == "native":
+    if mode == "native":
         return resize_to_budget(image, patch_size, setting_budget(setting, patch_size))
-    raise ValueError(f"unknown evaluation mode {setting['mode']!r}")
+    if mode == "longest_side":
+        resized = resize_longest_side(image, int(setting["size"]))
+        return resize_to_budget(resized, patch_size, setting_budget(setting, patch_size))
+    raise ValueError(f"unknown evaluation mode {mode!r}; expected one of {EVAL_MODES}")
 
 
 def compression_ratio(patch_size: int, channels: int) -> float:

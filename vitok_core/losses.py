@@ -96,18 +96,19 @@ def ssim(
 
 
 def load_dino(model_name: str, weights: str, key: str, **kwargs: object) -> nn.Module:
-    """A pretrained timm DINO backbone (no classifier): weights from a local file or a timm / Hugging Face
-    hub name; `kwargs` go to timm.create_model (e.g. img_size). Errors name the config `key` to change."""
+    """A pretrained timm DINO backbone (no classifier): weights from a local file (timm's layout or Meta's
+    original DINOv2 / DINOv3 checkpoint, see vitok_core.dino_weights) or a timm / Hugging Face hub name;
+    `kwargs` go to timm.create_model (e.g. img_size). Errors name the config `key` to change."""
     import timm  # heavy import, only for runs that use DINO
 
+    from vitok_core.dino_weights import load_dino_weights
+
     looks_local = os.sep in weights or weights.endswith((".safetensors", ".pth", ".pt", ".bin"))
-    if looks_local and not os.path.exists(weights):
-        raise RuntimeError(f"{key}={weights!r}: the DINO weights file does not exist")
+    if looks_local or os.path.exists(weights):  # a missing file is reported by load_dino_weights
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+        load_dino_weights(model, model_name, weights, key)
+        return model
     try:
-        if os.path.exists(weights):
-            return timm.create_model(
-                model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights}, **kwargs
-            )
         name = weights if weights.startswith(model_name) or weights.startswith("hf-hub:") else f"{model_name}.{weights}"
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except Exception as err:  # network, gated repo, wrong file: say which setting to change

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,16 +80,17 @@ def metric_vs_resolution_png(results: list[dict], metrics: Sequence[str] = ("psn
     present = [m for m in metrics if any(_finite(row.get(m)) is not None for row in results)]
     if not present:
         return _message_png("no results with the requested metrics")
-    models = list(dict.fromkeys(row["model"] for row in results))
+    line_of = _line_labels(results)
+    lines = list(dict.fromkeys(line_of(row) for row in results))
     sizes = sorted({int(row["size"]) for row in results})
     fig = Figure(figsize=(4.5 * len(present), 3.6), layout="constrained")
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     for ax, metric in zip(axes, present, strict=True):
-        for model in models:
-            points = [(int(r["size"]), _finite(r.get(metric))) for r in results if r["model"] == model]
+        for line in lines:
+            points = [(int(r["size"]), _finite(r.get(metric))) for r in results if line_of(r) == line]
             points = sorted((s, v) for s, v in points if v is not None)
             if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=model)
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=line)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.minorticks_off()
@@ -100,6 +101,17 @@ def metric_vs_resolution_png(results: list[dict], metrics: Sequence[str] = ("psn
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _line_labels(results: list[dict]) -> Callable[[Mapping[str, Any]], str]:
+    """A line per model; per (model, mode) when two settings of one size differ in mode (native and
+    longest_side 1024p, say), so that points of different protocols are never joined into one line."""
+    modes_at: dict[int, set[str]] = {}
+    for row in results:
+        modes_at.setdefault(int(row["size"]), set()).add(str(row.get("mode")))
+    if all(len(modes) == 1 for modes in modes_at.values()):
+        return lambda row: str(row["model"])
+    return lambda row: f"{row['model']} ({row.get('mode')})"
 
 
 def pareto_front(points: Sequence[tuple[float, float]], higher_y_is_better: bool) -> list[tuple[float, float]]:
@@ -395,6 +407,8 @@ def _reconstruction(metrics: Mapping[str, Any]) -> list[str]:
             )
         else:
             out.append(f"### {setting['name']}")
+        if setting.get("description"):
+            out += ["", f"Reference images: {setting['description']}."]
         keys = _metric_columns(rows, ("psnr", "ssim", "rfid", "rfdd_dinov2", "rfdd_dinov3"), "rfdd_")
         body = [
             [_cell(r.get("model")), _cell(r.get("compression")), _cell(r.get("images"))]
