@@ -7,15 +7,29 @@ the Prefect deployments, the state of a run root, and configs.
     vitok serve
     vitok status [RUN_ROOT]
     vitok config show [--preset P] [key=value ...]
+
+Every command checks what it can before any Ray or Prefect work (the config, the ingest source, the first
+stage's inputs). An expected failure (one of those, no cluster at the address, a failed Ray job, Ctrl-C or
+SIGTERM) ends in one line on stderr and a non-zero exit code; `--debug` adds its traceback. SIGTERM is
+handled like Ctrl-C: a Ray job the command is waiting on is stopped before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import os
+import signal
 import sys
-from typing import Any
+import traceback
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vitok_core.config import VitokConfig
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback-only local Ray (see jobs/common.py)
 # Prefect state of local runs stays in the project (no server: Prefect starts a temporary one); its
@@ -23,6 +37,21 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback-only
 os.environ.setdefault("PREFECT_HOME", os.path.abspath(".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s is short on a busy 2-core box
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+say = functools.partial(print, flush=True)  # a streamed job log reaches a pipe (tee, a log file) as it comes
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt so that the same cleanup runs (the Ray job being
+    waited on is stopped, a Prefect flow run is marked crashed) instead of the process just vanishing."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM kills at once: the first one's cleanup may be stuck on a cluster that stopped answering.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
 
 
 def _preset_args(parser: argparse.ArgumentParser) -> None:
@@ -46,54 +75,95 @@ def _print_evaluation(results: dict[str, Any]) -> None:
         print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values))
 
 
+@contextlib.contextmanager
+def _temporary_prefect_server() -> Iterator[None]:
+    """Stop the temporary Prefect server that a flow run without PREFECT_API_URL starts, when the flow ends
+    rather than at exit: its "Stopping temporary server" log line then comes before the command's last line
+    (the results, or the one-line error) instead of after it. A server already running (a test harness's) is
+    left alone."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's client starts on first use (one per process)
+    ours = not server.running
+    try:
+        yield
+    finally:
+        if ours and server.running:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            # What is still queued for the API goes first, or it fails against the stopped server at exit.
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
+            server.stop()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines import stages
+    from pipelines.cluster import connect
+
+    source = _source(args)
+    selected = stages.check_stages(args.stages or list(stages.STAGES))
+    stages.check_stages(args.force or [], "force")
+    # The flow repeats these checks (a deployment starts it without this command). Here they come before
+    # Prefect starts its temporary server, so a bad config or a missing source costs a second and one line,
+    # not a server start and a flow run's traceback.
+    cfg = stages.preflight(source, stages.resolve_overrides(source, args.overrides), selected)
+    if cfg.orchestrate.mode == "cluster":
+        connect(cfg.orchestrate.address)  # no cluster at the address: one line now, not a failed flow run
     from pipelines.flows import full_pipeline
 
-    results = full_pipeline(_source(args), args.overrides, args.stages or None, args.force or [])
+    with _temporary_prefect_server():
+        results = full_pipeline(source, args.overrides, args.stages or None, args.force or [])
     for stage, manifest in results.items():
         print(f"{stage:14s} {'skipped' if manifest.get('skipped') else 'ran':8s} {manifest.get('output')}")
     _print_evaluation(results)
     return 0
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
+def _prepare(stage: str, source: str, overrides: list[str]) -> tuple[list[str], VitokConfig]:
+    """(overrides, config) of one stage after every check that needs no cluster: the stage name, the config,
+    the ingest source (the demo photos where the preset allows them) and the stage's inputs."""
     from pipelines import stages
     from vitok_core.config import load_config
 
-    stages.check_stages([args.name], "stage")
-    overrides = stages.resolve_overrides(_source(args), args.overrides)
-    if args.name == "evaluate":
-        overrides = stages.with_samples(load_config(_source(args), overrides), overrides)
-    cfg = load_config(_source(args), overrides)
+    stages.check_stages([stage], "stage")
+    overrides = stages.resolve_overrides(source, overrides)
+    stages.preflight(source, overrides, [stage])
+    if stage == "evaluate":
+        overrides = stages.with_samples(load_config(source, overrides), overrides)
+    return overrides, load_config(source, overrides)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from pipelines import stages
+
+    overrides, cfg = _prepare(args.name, _source(args), args.overrides)
     if args.force:
         stages.force_rerun(args.name, cfg)
     if cfg.orchestrate.mode == "cluster":
-        return _submit(args.name, _source(args), overrides)
+        return _submit(args.name, _source(args), overrides, cfg)
     manifest = stages.run_local(args.name, cfg)
     print(f"{args.name}: {manifest.get('output')}")
     _print_evaluation({args.name: manifest} if args.name == "evaluate" else {})
     return 0
 
 
-def _submit(stage: str, source: str, overrides: list[str]) -> int:
+def _submit(stage: str, source: str, overrides: list[str], cfg: VitokConfig) -> int:
     from pipelines import stages
     from pipelines.cluster import run_on_cluster
-    from vitok_core.config import load_config
 
-    cfg = load_config(source, overrides)
     out = stages.planned_output(stage, cfg)
     key = out.rstrip("/").rsplit("/", 1)[-1]
-    run_on_cluster(stage, key, stages.entrypoint(stage, source, overrides), cfg, print)
-    print(f"{stage}: {out}")
+    run_on_cluster(stage, key, stages.entrypoint(stage, source, overrides), cfg, say)
+    say(f"{stage}: {out}")
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines import stages
-
-    stages.check_stages([args.name], "stage")
-    overrides = [*args.overrides, "orchestrate.mode=cluster", f"orchestrate.address={args.address}"]
-    return _submit(args.name, _source(args), overrides)
+    cluster = ["orchestrate.mode=cluster", f"orchestrate.address={args.address}"]
+    overrides, cfg = _prepare(args.name, _source(args), [*args.overrides, *cluster])
+    return _submit(args.name, _source(args), overrides, cfg)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -111,7 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no stage outputs under {args.root}")
         return 0
     for row in rows:
-        print(f"{row['stage']:14s} {row['key']}  {'done' if row['done'] else 'incomplete':10s} {row['summary']}")
+        state = "done" if row["done"] else "incomplete"
+        details = " | ".join(x for x in (row["config"], row["summary"]) if x)
+        print(f"{row['stage']:14s} {row['key']}  {state:10s} {row['written'] or '-':16s}  {details}")
     return 0
 
 
@@ -123,41 +195,80 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitok", description=__doc__.splitlines()[0])
+    # --debug on every subcommand too (`vitok run --debug`); SUPPRESS keeps a subcommand's default from
+    # overwriting `vitok --debug run`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="vitok", description=__doc__.splitlines()[0], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the whole DAG (or --stages) through Prefect")
+    run = sub.add_parser("run", parents=[common], help="the whole DAG (or --stages) through Prefect")
     _preset_args(run)
     run.add_argument("--stages", nargs="+", help="run only these stages (their inputs must exist)")
     run.add_argument("--force", nargs="+", help="rerun these stages even when done")
     run.set_defaults(func=cmd_run)
-    stage = sub.add_parser("stage", help="one stage, without Prefect (local, or cluster by config)")
+    stage = sub.add_parser("stage", parents=[common], help="one stage, without Prefect (local, or cluster by config)")
     stage.add_argument("name")
     _preset_args(stage)
     stage.add_argument("--force", action="store_true", help="rerun even when done")
     stage.set_defaults(func=cmd_stage)
-    submit = sub.add_parser("submit", help="one stage as a Ray job on a cluster")
+    submit = sub.add_parser("submit", parents=[common], help="one stage as a Ray job on a cluster")
     submit.add_argument("name")
     submit.add_argument("--address", required=True, help="Ray Jobs API, e.g. http://HEAD:8265")
     _preset_args(submit)
     submit.set_defaults(func=cmd_submit)
-    serve = sub.add_parser("serve", help="serve the Prefect deployments (needs a Prefect server)")
+    serve = sub.add_parser("serve", parents=[common], help="serve the Prefect deployments (needs a Prefect server)")
     serve.set_defaults(func=cmd_serve)
-    status = sub.add_parser("status", help="which stages are done under a run root")
+    status = sub.add_parser("status", parents=[common], help="what is done under a run root, when, with what config")
     status.add_argument("root", nargs="?", default="runs")
     status.set_defaults(func=cmd_status)
-    config = sub.add_parser("config", help="configs")
+    config = sub.add_parser("config", parents=[common], help="configs")
     config_sub = config.add_subparsers(dest="action", required=True)
-    show = config_sub.add_parser("show", help="the resolved config, its hash and parameter counts")
+    show = config_sub.add_parser("show", parents=[common], help="the resolved config, its hash and parameter counts")
     _preset_args(show)
     show.set_defaults(func=cmd_config)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+class _NoTracebacks(logging.Formatter):
+    """Log records without their tracebacks: Prefect logs a failed task's and flow's traceback at ERROR,
+    which would bury the one line the command ends with. The record itself is left as it was, for other
+    handlers (Prefect's API handler sends the traceback to the UI)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _setup_logging(debug: bool) -> None:
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(fmt) if debug else _NoTracebacks(fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])  # a no-op where logging is set up already
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+
+
+def expected_error(err: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) of an error the user caused or can fix; None for anything else, whose
+    traceback is then shown as usual (a bug)."""
+    from pipelines.cluster import JobFailed
     from vitok_core.config import ConfigError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    if isinstance(err, Terminated):
+        return "terminated (SIGTERM)", EXIT_TERMINATED
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+    if isinstance(err, ConfigError):
+        return f"config error: {err}", 1
+    if isinstance(err, (FileNotFoundError, ValueError, ConnectionError, JobFailed)):
+        return f"{type(err).__name__}: {err}", 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     # key=value overrides may come before or after the options (argparse alone fills the positional list
     # from the first run of positionals only).
@@ -167,10 +278,29 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
+    for name in ("stages", "force"):  # `--stages ingest k=v`: nargs="+" takes k=v too, and no stage has a "="
+        values = getattr(args, name, None)
+        if isinstance(values, list) and any("=" in v for v in values):
+            setattr(args, name, [v for v in values if "=" not in v])
+            args.overrides = [*args.overrides, *(v for v in values if "=" in v)]
+            if not getattr(args, name):
+                parser.error(f"--{name} needs at least one stage name")
+    debug = getattr(args, "debug", False)
+    _setup_logging(debug)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        sys.exit(args.func(args))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"vitok {args.command}: {type(err).__name__}: {err}")
+        code = args.func(args)
+    except BaseException as err:
+        expected = expected_error(err)
+        if expected is None:
+            raise
+        message, code = expected
+        if debug:
+            traceback.print_exc()
+        print(f"vitok {args.command}: {message}", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

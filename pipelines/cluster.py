@@ -4,7 +4,8 @@ The submission id is `vitok-<stage>-<key>-<attempt>`: a retry of the same stage 
 submitted and attaches to it (while it is pending or running) instead of starting a twin; once an attempt
 has ended, the next one gets the next number. Logs are polled and handed to a
 callback line by line; `should_stop` lets the caller (a Prefect task watching for cancellation) stop
-the job, which is also stopped when the waiting process is interrupted.
+the job, which is also stopped when the waiting process is interrupted (Ctrl-C, or SIGTERM once the `vitok`
+command has turned it into an exception).
 """
 
 from __future__ import annotations
@@ -19,6 +20,24 @@ from vitok_core.config import VitokConfig
 EXCLUDES = [".venv", ".data", "runs", ".git", "benchmarks/results", "**/__pycache__"]
 _ACTIVE = ("PENDING", "RUNNING")
 AGENT_WAIT_S = 120.0  # how long a submission waits for a starting cluster's job agent
+
+
+class JobFailed(RuntimeError):
+    """A stage's Ray job ended in a state other than SUCCEEDED; the message says how to read its log."""
+
+
+def connect(address: str) -> Any:
+    """A Jobs API client for `address`; a ConnectionError naming the setting when nothing answers there
+    (Ray's own message names the address only)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"no Ray Jobs API answers at {address} (orchestrate.address, or --address of vitok submit): is the "
+            "cluster up and its dashboard port reachable?"
+        ) from err
 
 
 def runtime_env(cfg: VitokConfig) -> dict[str, Any]:
@@ -96,7 +115,19 @@ def wait(
     except BaseException:
         if _status(client, submission_id) in _ACTIVE:
             client.stop_job(submission_id)
+            log(f"stopped Ray job {submission_id} (the waiting process was interrupted)")
         raise
+
+
+def failure(client: Any, submission_id: str, status: str, address: str) -> JobFailed:
+    """The one-line error of a job that did not succeed: its status, the first line of Ray's message (the
+    exit code, or why it never started) and the command that prints its whole log."""
+    message = (client.get_job_info(submission_id).message or "").strip().splitlines()
+    # Ray's first line goes on with ", last available logs (truncated ...):": the command below prints them.
+    reason = f": {message[0].split(', last available logs')[0]}" if message else ""
+    return JobFailed(
+        f"Ray job {submission_id} ended {status}{reason}; its log: ray job logs {submission_id} --address {address}"
+    )
 
 
 def run_on_cluster(
@@ -108,13 +139,14 @@ def run_on_cluster(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> str:
     """Submit (or attach to) the stage's Ray job and wait for it; returns the submission id. Raises
-    RuntimeError when the job does not succeed."""
-    from ray.job_submission import JobSubmissionClient
+    ConnectionError when no cluster answers at orchestrate.address, JobFailed when the job does not succeed.
 
-    client = JobSubmissionClient(cfg.orchestrate.address)
+    An interrupt during the submission request itself can leave the new job running: the next run of the
+    same stage and key attaches to it rather than starting a twin."""
+    client = connect(cfg.orchestrate.address)
     submission_id, attached = submit_or_attach(client, stage, key, command, cfg)
     log(f"{'attached to' if attached else 'submitted'} Ray job {submission_id}: {command}")
     status = wait(client, submission_id, log, should_stop, cfg.orchestrate.poll_s)
     if status != "SUCCEEDED":
-        raise RuntimeError(f"Ray job {submission_id} ended {status}")
+        raise failure(client, submission_id, status, cfg.orchestrate.address)
     return submission_id

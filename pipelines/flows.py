@@ -10,7 +10,6 @@ that stage and, through the keys, everything downstream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -18,23 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines import stages as dag
 from vitok_core.artifacts import is_complete, join, read_json
-from vitok_core.config import VitokConfig, load_config
-
-
-def preflight(preset: str, overrides: Sequence[str], selected: Sequence[str]) -> VitokConfig:
-    """Everything that can be checked before any Ray work: the config (unknown keys, types, values: a
-    ConfigError naming the key), the ingest source, and the inputs of the first selected stage."""
-    cfg = load_config(preset, overrides)
-    first = selected[0]
-    if first == "ingest":
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(cfg.ingest.source)
-        if not cfg.ingest.source or not fs.exists(path):
-            raise FileNotFoundError(f"ingest.source={cfg.ingest.source!r} does not exist")
-    else:
-        dag.planned_output(first, cfg)  # FileNotFoundError names the missing upstream artifact
-    return cfg
+from vitok_core.config import load_config
 
 
 def _cancelled() -> bool:
@@ -122,7 +105,7 @@ def full_pipeline(
     selected = dag.check_stages(stages or list(dag.STAGES))
     forced = dag.check_stages(force or [], "force")
     resolved = dag.resolve_overrides(preset, overrides or [])
-    preflight(preset, resolved, selected)
+    dag.preflight(preset, resolved, selected)
     results = {}
     for stage in selected:
         results[stage] = stage_task(stage, preset, resolved, stage in forced)
@@ -134,5 +117,5 @@ def run_stage(stage: str, preset: str = "tiny", overrides: list[str] | None = No
     """One stage (its inputs must exist)."""
     dag.check_stages([stage], "stage")
     resolved = dag.resolve_overrides(preset, overrides or [])
-    preflight(preset, resolved, [stage])
+    dag.preflight(preset, resolved, [stage])
     return stage_task(stage, preset, resolved, force)

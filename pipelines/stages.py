@@ -12,14 +12,16 @@ from __future__ import annotations
 import importlib
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
+from omegaconf import OmegaConf
 
 from vitok_core.artifacts import MANIFEST, SUCCESS, absolute, is_complete, join, read_json, remove
-from vitok_core.config import VitokConfig, load_config
+from vitok_core.config import ConfigError, VitokConfig, load_config
 
 STAGES = ("ingest", "train_ae", "cache_latents", "train_flow", "evaluate")
 # Where each stage writes ({root}/{stage}/{key}/): the config key of its root.
@@ -45,7 +47,8 @@ def job(stage: str) -> Any:
 
 def resolve_overrides(preset: str, overrides: Sequence[str]) -> list[str]:
     """The overrides a run actually uses: an empty ingest.source becomes the demo photo folder (written
-    once, from the photos of installed packages) when orchestrate.demo_photos is on."""
+    once, from the photos of installed packages) when the preset says so (orchestrate.demo_photos, on in
+    tiny only: a real preset without a source must stop, not quietly train on 48 crops)."""
     cfg = load_config(preset, overrides)
     resolved = list(overrides)
     if not cfg.ingest.source and cfg.orchestrate.demo_photos:
@@ -55,6 +58,30 @@ def resolve_overrides(preset: str, overrides: Sequence[str]) -> list[str]:
         write_demo_folder(folder)
         resolved += [f"ingest.source={folder}", "ingest.label_from=folder"]  # the photo name is the class
     return resolved
+
+
+def check_source(cfg: VitokConfig) -> None:
+    """ConfigError when ingest.source is empty, FileNotFoundError when it names nothing."""
+    if not cfg.ingest.source:
+        raise ConfigError(
+            "ingest.source is empty: set ingest.source=DIR or s3://BUCKET/PREFIX (only presets with "
+            "orchestrate.demo_photos=true, such as tiny, fall back to the demo photos)"
+        )
+    fs, path = fsspec.core.url_to_fs(cfg.ingest.source)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"ingest.source={cfg.ingest.source!r} does not exist")
+
+
+def preflight(preset: str, overrides: Sequence[str], selected: Sequence[str]) -> VitokConfig:
+    """Everything that can be checked before any Ray or Prefect work: the config (unknown keys, types,
+    values: a ConfigError naming the key), the ingest source, and the inputs of the first selected stage."""
+    cfg = load_config(preset, overrides)
+    first = selected[0]
+    if first == "ingest":
+        check_source(cfg)
+    else:
+        planned_output(first, cfg)  # FileNotFoundError names the missing upstream artifact
+    return cfg
 
 
 def with_samples(cfg: VitokConfig, overrides: Sequence[str]) -> list[str]:
@@ -134,8 +161,79 @@ def _counts(stage: str, manifest: dict[str, Any]) -> str:
     )
 
 
+def _config_summary(stage: str, manifest: dict[str, Any], config: dict[str, Any]) -> str:
+    """What the output was made with: the training runs' config.yaml (written when they start, so an
+    unfinished run has it too), else the settings in the manifest."""
+    settings = manifest.get("settings") or {}
+    if stage == "train_ae" and config:
+        return f"{config['name']}, {config['model']['variant']}, {config['train']['steps']} steps"
+    if stage == "train_flow" and config:
+        return f"{config['name']}, flow {config['flow']['size']}, {config['flow']['steps']} steps"
+    if stage == "ingest" and settings:
+        return f"source {settings.get('source')}, budgets {settings.get('budgets')}"
+    if stage == "cache_latents" and settings:
+        return f"{settings.get('variant')}, budget {settings.get('budget')}, {settings.get('dtype')}"
+    if stage == "evaluate" and manifest:
+        return f"{manifest.get('images')} images"
+    return ""
+
+
+def _progress(stage: str, uri: str, config: dict[str, Any]) -> str:
+    """How far an unfinished training run got: its last logged step (metric lines are written at
+    checkpoints, so this is also the step a rerun resumes from)."""
+    if stage not in ("train_ae", "train_flow"):
+        return ""
+    from jobs.train_common import read_metrics  # imports torch: only for unfinished training runs
+
+    metrics = read_metrics(uri)
+    section = "train" if stage == "train_ae" else "flow"
+    total = f" of {config[section]['steps']}" if config else ""
+    return f"step {metrics[-1]['step']}{total} (last logged)" if metrics else "no step logged yet"
+
+
+def _modified(fs: Any, paths: Sequence[str]) -> datetime | None:
+    """The newest modification time among `paths` that exist (object stores have no directory times)."""
+    times = []
+    for path in paths:
+        try:
+            times.append(fs.modified(path))
+        except (FileNotFoundError, NotImplementedError, OSError, KeyError):  # KeyError: an S3 "directory"
+            continue
+    return max(times) if times else None
+
+
+def _yaml(f: Any) -> Any:
+    return OmegaConf.to_container(OmegaConf.load(f))
+
+
+def _read(fs: Any, path: str, load: Callable[[Any], Any]) -> dict[str, Any]:
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as f:
+        return load(f) or {}
+
+
+def _row(fs: Any, stage: str, path: str, uri: str) -> dict[str, Any]:
+    done = fs.exists(f"{path}/{SUCCESS}")
+    manifest = _read(fs, f"{path}/{MANIFEST}", json.load)
+    config = _read(fs, f"{path}/config.yaml", _yaml)
+    if done:  # the manifest is written just before _SUCCESS: its time is when the stage finished
+        written = _modified(fs, [f"{path}/{MANIFEST}"]) or _modified(fs, [f"{path}/{SUCCESS}"])
+    else:
+        written = _modified(fs, [*fs.glob(f"{path}/metrics/*.jsonl"), f"{path}/config.yaml", path])
+    return {
+        "stage": stage,
+        "key": path.rstrip("/").rsplit("/", 1)[-1],
+        "done": done,
+        "written": written.astimezone().strftime("%Y-%m-%d %H:%M") if written else "",
+        "config": _config_summary(stage, manifest, config),
+        "summary": _counts(stage, manifest) if done else _progress(stage, uri, config),
+    }
+
+
 def status(root: str) -> list[dict[str, Any]]:
-    """Every stage directory under a run root: stage, key, done (has _SUCCESS), counts."""
+    """Every stage directory under a run root: stage, key, done (has _SUCCESS), when it was last written
+    (local time), what config made it, and its counts (done) or its last logged step (unfinished training)."""
     fs, base = fsspec.core.url_to_fs(absolute(root))
     rows = []
     for stage in STAGES:
@@ -144,10 +242,5 @@ def status(root: str) -> list[dict[str, Any]]:
             continue
         for path in sorted(fs.ls(stage_dir, detail=False)):
             key = path.rstrip("/").rsplit("/", 1)[-1]
-            done = fs.exists(f"{path}/{SUCCESS}")
-            manifest = {}
-            if fs.exists(f"{path}/{MANIFEST}"):
-                with fs.open(f"{path}/{MANIFEST}", "r") as f:
-                    manifest = json.load(f)
-            rows.append({"stage": stage, "key": key, "done": done, "summary": _counts(stage, manifest) if done else ""})
+            rows.append(_row(fs, stage, path, join(absolute(root), stage, key)))
     return rows

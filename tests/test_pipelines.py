@@ -4,7 +4,8 @@ One run root on S3 (moto on 127.0.0.1) carries the story: a `vitok run` killed d
 rerun (ingest skipped, train_ae resumed from its checkpoint, the rest run), a second run (everything
 skipped), a changed train_ae key (train_ae and downstream rerun, ingest not), a forced evaluate (only
 evaluate reruns). Then bad configs, and a stage through the Ray Jobs API on a real `ray start --head`
-cluster, with a cancelled flow run stopping its Ray job.
+cluster, with a cancelled flow run stopping its Ray job; `vitok submit` on that cluster (a stage run, a failed
+job in one line, SIGTERM stopping the job), and `vitok run` failing inside its flow in one line.
 """
 
 from __future__ import annotations
@@ -180,9 +181,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real Ray cluster head on 127.0.0.1 (its own process group, stopped by its process id)."""
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray cluster head on 127.0.0.1 (its own process group, stopped by its process id), shared by this
+    module's cluster tests: it takes ~15 s to start."""
     port, dashboard = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -260,3 +262,100 @@ def test_cluster_mode_submits_attaches_and_stops_on_cancel(prefect_harness, ray_
     assert str(client.get_job_status(job.submission_id).value) == "STOPPED"
     thread.join(timeout=120)
     assert "error" in state
+
+
+# ------------------------------------------------------------------------------------------------
+# The vitok command against the cluster and the Prefect harness, as a user runs it (a subprocess)
+# ------------------------------------------------------------------------------------------------
+VITOK = str(Path(sys.executable).parent / "vitok")  # the installed console script
+# The jobs import the project installed in this venv (as a cluster image has it) instead of an uploaded
+# working_dir: no upload to wait for, and no upload log lines on the command's stderr.
+CLUSTER_JOB = ["orchestrate.working_dir=''", "orchestrate.poll_s=0.5"]
+
+
+def vitok_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PREFECT_HOME": str(tmp_path / "prefect-home"), **extra}
+
+
+def submit(address: str, stage: str, *overrides: str, debug: bool = False) -> list[str]:
+    return [VITOK, "submit", stage, "--address", address, *(["--debug"] if debug else []), "--preset", "tiny",
+            *overrides]  # fmt: skip
+
+
+@pytest.fixture
+def no_images(tmp_path) -> Path:
+    """A source that exists (so the preflight passes) and holds no image: the ingest job itself fails."""
+    folder = tmp_path / "no-images"
+    folder.mkdir()
+    (folder / "README.txt").write_text("not an image\n")
+    return folder
+
+
+def test_submit_runs_a_stage_and_sigterm_stops_its_ray_job(ray_head, photos, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    # files_per_task=4 gives these photos an ingest key (and so job ids) of their own: no other test's job
+    # of the same key is attached to.
+    overrides = [*args_for(photos, str(tmp_path / "runs")), "ingest.files_per_task=4", *CLUSTER_JOB]
+    env = vitok_env(tmp_path)
+    done = subprocess.run(submit(ray_head, "ingest", *overrides), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "submitted Ray job vitok-ingest-" in done.stdout
+    assert is_complete(stages.planned_output("ingest", load_config("tiny", overrides)))
+
+    # A long train_ae job, and SIGTERM to the command waiting on it: the job is stopped, the command says so
+    # in one line and exits 128 + 15.
+    long = [*overrides, "train.steps=2000", "train.checkpoint_every=1000"]
+    command = subprocess.Popen(submit(ray_head, "train_ae", *long), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    line = ""
+    while not line.startswith("submitted Ray job"):
+        line = command.stdout.readline()
+        assert line, f"vitok submit ended before submitting: {command.communicate()[1]}"
+    job_id = line.split()[3].rstrip(":")
+    client = JobSubmissionClient(ray_head)
+    deadline = time.time() + 60
+    while str(client.get_job_status(job_id).value) != "RUNNING":
+        assert time.time() < deadline, f"{job_id} did not start"
+        time.sleep(0.5)
+    command.send_signal(signal.SIGTERM)
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 143 and err.splitlines() == ["vitok submit: terminated (SIGTERM)"], err
+    assert f"stopped Ray job {job_id}" in out
+    deadline = time.time() + 60
+    while str(client.get_job_status(job_id).value) != "STOPPED" and time.time() < deadline:
+        time.sleep(0.5)
+    assert str(client.get_job_status(job_id).value) == "STOPPED"
+
+
+def test_submit_of_a_failing_ray_job_ends_in_one_line(ray_head, no_images, tmp_path):
+    overrides = [f"ingest.source={no_images}", f"ingest.root={tmp_path / 'runs'}", *CLUSTER_JOB]
+    for debug in (False, True):
+        done = subprocess.run(submit(ray_head, "ingest", *overrides, debug=debug), cwd=tmp_path,
+                              env=vitok_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        line = done.stderr.splitlines()[-1]
+        assert line.startswith("vitok submit: JobFailed: Ray job vitok-ingest-") and " ended FAILED: " in line
+        assert "ray job logs vitok-ingest-" in line
+        assert "no files input under ingest.source" in done.stdout  # the job's own error, from its streamed log
+        if debug:
+            assert "Traceback (most recent call last)" in done.stderr
+        else:
+            assert done.stderr.splitlines() == [line]
+
+
+def test_run_failing_inside_its_flow_ends_in_one_line(prefect_harness, no_images, tmp_path):
+    """The preflight passes (the source exists), the ingest stage fails inside the Prefect flow: Prefect's
+    log lines stay but lose their tracebacks, and the command's last line is its one-line error."""
+    argv = [VITOK, "run", "--stages", "ingest", f"ingest.source={no_images}", f"ingest.root={tmp_path / 'runs'}"]
+    line = f"vitok run: FileNotFoundError: no files input under ingest.source='{no_images}'"
+    # No PREFECT_API_URL: Prefect's temporary server, which must be stopped (and its logs sent) before that line.
+    done = subprocess.run(argv, cwd=tmp_path, env=vitok_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == line, done.stderr
+    assert "Traceback" not in done.stderr and "Error logging to API" not in done.stderr
+    harness = vitok_env(tmp_path, PREFECT_API_URL=prefect.settings.PREFECT_API_URL.value())
+    done = subprocess.run([*argv, "--debug"], cwd=tmp_path, env=harness, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == line, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
