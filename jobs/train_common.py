@@ -135,6 +135,25 @@ def _rank_state_path(directory: str, rank: int) -> str:
     return os.path.join(directory, f"rank-{rank:05d}.pt")
 
 
+def rng_state() -> dict[str, Any]:
+    """The process's RNG states in types `torch.load(weights_only=True)` reads: tensors, ints, floats,
+    strings and tuples of them (numpy's state is a tuple holding an ndarray, which that loader refuses)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {**numpy, "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(rng["python"])
+
+
 def save_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, files: dict[str, str] | None = None) -> None:
     """Every rank: DeepSpeed shards + its own state (+ rank 0's text `files`), reported to Ray Train.
 
@@ -146,8 +165,7 @@ def save_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, files: d
     step = state["step"]
     directory = tempfile.mkdtemp(prefix=f"vitok-step{step}-")
     engine.save_checkpoint(directory, tag="zero", client_state={"step": step})
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save({**state, "rng": rng}, _rank_state_path(directory, rank))
+    torch.save({**state, "rng": rng_state()}, _rank_state_path(directory, rank))
     if rank == 0:
         for name, text in (files or {}).items():
             with open(os.path.join(directory, name), "w") as f:
@@ -161,11 +179,8 @@ def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> dict:
     """Weights and optimizer into `engine`, RNG states restored; returns this rank's saved state."""
     with checkpoint.as_directory() as directory:
         engine.load_checkpoint(directory, tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False)
-        state = torch.load(_rank_state_path(directory, rank), weights_only=False)
-    rng = state.pop("rng")
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+        state = torch.load(_rank_state_path(directory, rank), weights_only=True)  # no pickle runs on load
+    set_rng_state(state.pop("rng"))
     return state
 
 

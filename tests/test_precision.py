@@ -154,3 +154,24 @@ def test_bf16_step_reads_the_device_once_and_keeps_the_non_finite_guard(tmp_path
     assert rank["finite"] == [1.0, 1.0, 0.0, 1.0] and rank["loss_finite"] == [True, True, False, True]
     assert rank["steps"][2]["weights_unchanged"] is True
     assert rank["steps"][3]["read"]["loss"] < rank["steps"][0]["read"]["loss"]
+
+
+def test_rank_state_loads_without_pickle_and_restores_every_rng(tmp_path):
+    """The per-rank checkpoint state (step, data position, counters, RNG states, an fp32 EMA) is read back
+    with torch.load(weights_only=True): loading a checkpoint runs no pickled code."""
+    import random
+
+    import numpy as np
+
+    from jobs.train_common import rng_state, set_rng_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
+    state = {"step": 6, "position": {"64": 12}, "skipped_steps": 0, "ema": {"w": torch.ones(2)}, "rng": rng_state()}
+    torch.save(state, tmp_path / "rank-00000.pt")
+    want = (torch.rand(3), np.random.standard_normal(3), random.random())
+    loaded = torch.load(tmp_path / "rank-00000.pt", weights_only=True)
+    set_rng_state(loaded.pop("rng"))
+    got = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+    assert loaded["position"] == {"64": 12} and loaded["ema"]["w"].dtype == torch.float32
