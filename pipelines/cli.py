@@ -101,6 +101,7 @@ def _temporary_prefect_server() -> Iterator[None]:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import stages
     from pipelines.cluster import connect
+    from pipelines.paths import for_cluster
 
     source = _source(args)
     selected = stages.check_stages(args.stages or list(stages.STAGES))
@@ -109,12 +110,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Prefect starts its temporary server, so a bad config or a missing source costs a second and one line,
     # not a server start and a flow run's traceback.
     cfg = stages.preflight(source, stages.resolve_overrides(source, args.overrides), selected)
+    # Cluster mode: relative paths made absolute (or refused, in one line) here rather than in the flow, so
+    # that the flow run's parameters show where the Ray jobs write.
+    overrides = for_cluster(source, args.overrides)
     if cfg.orchestrate.mode == "cluster":
         connect(cfg.orchestrate.address)  # no cluster at the address: one line now, not a failed flow run
     from pipelines.flows import full_pipeline
 
     with _temporary_prefect_server():
-        results = full_pipeline(source, args.overrides, args.stages or None, args.force or [])
+        results = full_pipeline(source, overrides, args.stages or None, args.force or [])
     for stage, manifest in results.items():
         print(f"{stage:14s} {'skipped' if manifest.get('skipped') else 'ran':8s} {manifest.get('output')}")
     _print_evaluation(results)
@@ -123,13 +127,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _prepare(stage: str, source: str, overrides: list[str]) -> tuple[list[str], VitokConfig]:
     """(overrides, config) of one stage after every check that needs no cluster: the stage name, the config,
-    the ingest source (the demo photos where the preset allows them) and the stage's inputs."""
+    the ingest source (the demo photos where the preset allows them) and the stage's inputs; in cluster mode,
+    relative paths are then made absolute (or refused: see pipelines.paths), so that the output printed is
+    where the job writes."""
     from pipelines import stages
+    from pipelines.paths import for_cluster
     from vitok_core.config import load_config
 
     stages.check_stages([stage], "stage")
     overrides = stages.resolve_overrides(source, overrides)
     stages.preflight(source, overrides, [stage])
+    overrides = for_cluster(source, overrides)
     if stage == "evaluate":
         overrides = stages.with_samples(load_config(source, overrides), overrides)
     return overrides, load_config(source, overrides)
@@ -288,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = getattr(args, "debug", False)
     _setup_logging(debug)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C raises KeyboardInterrupt even when the parent started us with SIGINT ignored (a shell's
+    # background job does that), so that the same cleanup stops the Ray job.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = args.func(args)
     except BaseException as err:
@@ -300,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"vitok {args.command}: {message}", file=sys.stderr, flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     sys.exit(code)
 
 
