@@ -244,3 +244,17 @@ def test_unmappable_checkpoints_say_why(tmp_path):
     fails({"embeddings.cls_token": torch.zeros(1)}, "Hugging Face transformers")
     with pytest.raises(DinoWeightsError, match=r"loss\.dino_weights=.*does not exist"):
         load_dino_weights(target, name, str(tmp_path / "absent.pth"), "loss.dino_weights")
+
+
+def test_a_hub_repository_name_is_not_taken_for_a_missing_file(monkeypatch):
+    """`hf-hub:org/name` holds a slash: it must go to the hub (offline here: an error naming the key), not
+    be reported as a missing local file."""
+    from vitok_core.losses import load_dino
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it here too
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"loss\.dino_weights='hf-hub:org/name': could not load") as caught:
+        load_dino("vit_small_patch16_dinov3", "hf-hub:org/name", "loss.dino_weights")
+    assert "does not exist" not in str(caught.value)

@@ -103,7 +103,9 @@ def load_dino(model_name: str, weights: str, key: str, **kwargs: object) -> nn.M
 
     from vitok_core.dino_weights import load_dino_weights
 
-    looks_local = os.sep in weights or weights.endswith((".safetensors", ".pth", ".pt", ".bin"))
+    # "hf-hub:org/name" holds a slash but names a hub repository, not a file.
+    hub = weights.startswith("hf-hub:")
+    looks_local = not hub and (os.sep in weights or weights.endswith((".safetensors", ".pth", ".pt", ".bin")))
     if looks_local or os.path.exists(weights):  # a missing file is reported by load_dino_weights
         model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
         load_dino_weights(model, model_name, weights, key)
