@@ -39,6 +39,7 @@ from jobs import train_common as common
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.ingest import output_uri as ingest_output_uri
 from jobs.train_common import (
+    Progress,
     StepStats,
     checkpoint_name,
     fit,
@@ -289,6 +290,7 @@ def train_loop(config: dict[str, Any]) -> None:
             state["step"], stop, total, list(cfg.data.budgets), boundaries, peak_source,
         )  # fmt: skip
     lines: list[dict] = []
+    progress = Progress(out, "train_ae", state["step"], stop, total) if rank == 0 else None
     bad_in_a_row = 0
     previous_budget = budget_at_step(max(0, state["step"] - 1), total, cfg.data.budgets, cfg.data.budget_switch)
     while state["step"] < stop:
@@ -370,6 +372,7 @@ def train_loop(config: dict[str, Any]) -> None:
         done = state["step"] == stop
         if (state["step"] % cfg.train.log_every == 0 or done) and rank == 0:
             lines.append(metrics)
+            progress.update(metrics)
             log.info(
                 "step %d/%d budget %d loss %.4f lr %.2e grad %.3f %.0f tok/s wait %.3fs",
                 state["step"], total, budget, metrics["loss"], lr, grad_norm, metrics["tokens_per_s"],

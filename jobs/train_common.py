@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -203,6 +204,31 @@ def read_metrics(out: str) -> list[dict]:
         with fs.open(name, "r") as f:
             lines += [json.loads(line) for line in f if line.strip()]
     return lines
+
+
+PROGRESS = "progress.json"
+
+
+class Progress:
+    """Rank 0's progress.json in the run directory: the last logged step, its loss and tokens/s, and an ETA,
+    rewritten at every logged step. The step lines are logged by Ray Train worker processes, which only Ray's
+    own log streaming sees; a file is what any watcher can read (the Prefect task of a local run polls it), on
+    local disk or S3 alike."""
+
+    def __init__(self, out: str, stage: str, first_step: int, stop: int, total: int) -> None:
+        self.path, self.stage = join(out, PROGRESS), stage
+        self.first_step, self.stop, self.total = first_step, stop, total
+        self.started = time.monotonic()
+
+    def update(self, metrics: dict[str, Any]) -> None:
+        step = metrics["step"]
+        done = step - self.first_step
+        # Steps of this session only: a resumed run's earlier steps took no time here.
+        eta = (self.stop - step) * (time.monotonic() - self.started) / done if done > 0 else None
+        write_json(self.path, {
+            "stage": self.stage, "step": step, "stop": self.stop, "total": self.total, "loss": metrics.get("loss"),
+            "tokens_per_s": metrics.get("tokens_per_s"), "eta_s": eta, "time": time.time(),
+        })  # fmt: skip
 
 
 def inject_fault(fail_at_step: int, key: str, out: str, step: int, rank: int, world: int) -> None:

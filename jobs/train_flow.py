@@ -33,6 +33,7 @@ from safetensors.torch import save as save_bytes
 from jobs import train_common as common
 from jobs.common import init_ray, parse_config, setup_logging
 from jobs.train_common import (
+    Progress,
     StepStats,
     fit,
     full_fp32_state,
@@ -216,6 +217,7 @@ def train_loop(config: dict[str, Any]) -> None:
             f.batch_size, state["step"], stop, f.steps,
         )  # fmt: skip
     lines: list[dict] = []
+    progress = Progress(out, "train_flow", state["step"], stop, f.steps) if rank == 0 else None
     while state["step"] < stop:
         step = state["step"]
         inject_fault(f.fail_at_step, "flow.fail_at_step", out, step, rank, world)
@@ -257,6 +259,7 @@ def train_loop(config: dict[str, Any]) -> None:
         done = state["step"] == stop
         if (state["step"] % f.log_every == 0 or done) and rank == 0:
             lines.append(metrics)
+            progress.update(metrics)
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", state["step"], f.steps, metrics["loss"], lr,
                      metrics["tokens_per_s"])  # fmt: skip
         # Ray Train hears of checkpoints only (why: save_checkpoint).

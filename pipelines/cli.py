@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = stages.preflight(source, stages.resolve_overrides(source, args.overrides), selected)
     # Cluster mode: relative paths made absolute (or refused, in one line) here rather than in the flow, so
     # that the flow run's parameters show where the Ray jobs write.
-    overrides = for_cluster(source, args.overrides)
+    overrides = for_cluster(source, args.overrides, say)
     if cfg.orchestrate.mode == "cluster":
         connect(cfg.orchestrate.address)  # no cluster at the address: one line now, not a failed flow run
     from pipelines.flows import full_pipeline
@@ -137,7 +137,7 @@ def _prepare(stage: str, source: str, overrides: list[str]) -> tuple[list[str], 
     stages.check_stages([stage], "stage")
     overrides = stages.resolve_overrides(source, overrides)
     stages.preflight(source, overrides, [stage])
-    overrides = for_cluster(source, overrides)
+    overrides = for_cluster(source, overrides, say)
     if stage == "evaluate":
         overrides = stages.with_samples(load_config(source, overrides), overrides)
     return overrides, load_config(source, overrides)

@@ -5,11 +5,15 @@ submitted and attaches to it (while it is pending or running) instead of startin
 has ended, the next one gets the next number. Logs are polled and handed to a
 callback line by line; `should_stop` lets the caller (a Prefect task watching for cancellation) stop
 the job, which is also stopped when the waiting process is interrupted (Ctrl-C, or SIGTERM once the `vitok`
-command has turned it into an exception).
+command has turned it into an exception). `cluster_is_here` tells whether every node of a cluster is this
+machine: what orchestrate.shared_filesystem=auto means (see pipelines/paths.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +42,46 @@ def connect(address: str) -> Any:
             f"no Ray Jobs API answers at {address} (orchestrate.address, or --address of vitok submit): is the "
             "cluster up and its dashboard port reachable?"
         ) from err
+
+
+def this_machine() -> set[str]:
+    """The IP addresses a Ray node started on this machine could report as its node IP (loopback addresses
+    aside): those of its host name, and that of its default route, which is how Ray picks a node IP."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        found |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("8.8.8.8", 80))  # UDP: nothing is sent, the kernel only picks the outgoing interface
+        found.add(probe.getsockname()[0])
+    return found
+
+
+def is_this_machine(ip: str, here: set[str]) -> bool:
+    """Whether a node IP is this machine: a loopback address, or one of `here` (see `this_machine`)."""
+    try:
+        return ipaddress.ip_address(ip).is_loopback or ip in here
+    except ValueError:  # not an IP address
+        return False
+
+
+def cluster_is_here(address: str) -> tuple[bool, list[str]]:
+    """(whether every alive node of the cluster at `address` runs on this machine, the nodes' IPs).
+
+    Nodes added later by an autoscaler are not seen: such a cluster needs orchestrate.shared_filesystem set."""
+    from ray.util.state import list_nodes
+
+    connect(address)  # nothing answers: the ConnectionError naming the setting
+    try:
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")])
+    except Exception as err:  # the state API can fail where the Jobs API works (auth, an old dashboard)
+        first = (str(err).splitlines() or [""])[0]
+        raise ConnectionError(
+            f"cannot list the nodes of the cluster at {address} to decide orchestrate.shared_filesystem=auto "
+            f"({type(err).__name__}: {first}): set it to true or false"
+        ) from err
+    ips = sorted({node.node_ip for node in nodes})
+    here = this_machine()
+    return bool(ips) and all(is_this_machine(ip, here) for ip in ips), ips
 
 
 def runtime_env(cfg: VitokConfig) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Prefect deployments: the whole DAG and each stage, served from this process to a Prefect server so that
-a user starts them from the UI with typed parameters (preset, overrides, stages, force).
+a user starts them from the UI with typed parameters (preset, overrides, stages, force): the run form shows each
+one's description, offers the presets and stages as choices, and the server refuses a run whose parameters do
+not fit (pipelines/form.py) before any flow code runs.
 
     prefect server start --host 127.0.0.1        # the UI on http://127.0.0.1:4200
     PREFECT_API_URL=http://127.0.0.1:4200/api vitok serve
@@ -11,6 +13,8 @@ For work pools (Kubernetes or process workers) see infra/prefect/prefect.yaml: t
 from __future__ import annotations
 
 from typing import Any
+
+from prefect.utilities.annotations import freeze
 
 from pipelines.flows import full_pipeline, run_stage
 from pipelines.stages import STAGES
@@ -24,7 +28,7 @@ def deployments() -> list[Any]:
         found.append(
             run_stage.to_deployment(
                 name=stage,
-                parameters={"stage": stage},
+                parameters={"stage": freeze(stage)},  # shown in the form, read-only
                 description=f"the {stage} stage alone (its inputs must exist)",
                 tags=["vitok", stage],
             )

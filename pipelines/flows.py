@@ -6,6 +6,10 @@ runs the stage: in this process against a local Ray (orchestrate.mode=local) or 
 Jobs API (orchestrate.mode=cluster). Prefect's own caching is off: the markers are the source of truth,
 so a flow run restarted after a crash reconciles from them, and a changed stage config (a new key) reruns
 that stage and, through the keys, everything downstream.
+
+What the Prefect UI shows: each stage's artifacts (pipelines/publish.py), a local stage's training steps in the
+run log (pipelines/progress.py), "Skipped" as the state name of a stage that was already done and of a flow run
+where nothing ran, and the run form's typed parameters (pipelines/form.py).
 """
 
 from __future__ import annotations
@@ -14,9 +18,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 
+from pipelines import progress
 from pipelines import stages as dag
-from vitok_core.artifacts import is_complete, join, read_json
+from pipelines.form import Overrides, Preset, Stage, Stages
+from pipelines.paths import for_cluster
+from pipelines.publish import publish
+from vitok_core.artifacts import is_complete
 from vitok_core.config import load_config
 
 
@@ -33,41 +42,8 @@ def _cancelled() -> bool:
     return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
 
 
-def _publish(stage: str, manifest: dict[str, Any], out: str) -> None:
-    """UI artifacts: the manifest's headline numbers, a link to the output, the evaluation report."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
-    key = f"vitok-{stage.replace('_', '-')}"
-    flat = {k: v for k, v in manifest.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    for name, value in (manifest.get("counts") or {}).items():
-        if isinstance(value, (int, float)):
-            flat[f"counts.{name}"] = value
-    create_table_artifact([{"field": k, "value": str(v)} for k, v in flat.items()], key=key)
-    create_link_artifact(out if "://" in out else f"file://{out}", link_text=f"{stage} output", key=f"{key}-output")
-    if stage == "evaluate":
-        create_markdown_artifact(_report_with_plots(out), key="vitok-evaluate-report", description="evaluation report")
-
-
-def _report_with_plots(out: str, max_bytes: int = 400_000) -> str:
-    """report.md with its figures inlined as data URIs (the UI cannot follow paths relative to the report);
-    figures larger than `max_bytes` become links to the file."""
-    import base64
-
-    import fsspec
-
-    with fsspec.open(join(out, "report.md"), "r") as f:
-        text = f.read()
-    for rel in read_json(join(out, "metrics.json")).get("figures", {}).values():
-        with fsspec.open(join(out, rel), "rb") as f:
-            data = f.read()
-        uri = join(out, rel)
-        inline = f"data:image/png;base64,{base64.b64encode(data).decode()}" if len(data) <= max_bytes else uri
-        text = text.replace(f"]({rel})", f"]({inline})")
-    return text
-
-
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
-def stage_task(stage: str, preset: str, overrides: list[str], force: bool = False) -> dict[str, Any]:
+def stage_task(stage: str, preset: str, overrides: list[str], force: bool = False) -> dict[str, Any] | State:
     logger = get_run_logger()
     if stage == "evaluate":
         overrides = dag.with_samples(load_config(preset, overrides), overrides)
@@ -78,7 +54,10 @@ def stage_task(stage: str, preset: str, overrides: list[str], force: bool = Fals
     out = dag.planned_output(stage, cfg)
     if is_complete(out):
         logger.info("%s: done at %s; skipped", stage, out)
-        return {**dag.manifest_of(out), "skipped": True}
+        manifest = dag.manifest_of(out)
+        publish(stage, manifest, out, skipped=True)
+        # A state of its own name: the UI shows the task run as "Skipped", not as a run that did the work.
+        return Completed(name="Skipped", message=f"already complete at {out}", data={**manifest, "skipped": True})
     if cfg.orchestrate.mode == "cluster":
         from pipelines.cluster import run_on_cluster
 
@@ -86,36 +65,64 @@ def stage_task(stage: str, preset: str, overrides: list[str], force: bool = Fals
         run_on_cluster(stage, key, dag.entrypoint(stage, preset, overrides), cfg, logger.info, _cancelled)
         manifest = dag.manifest_of(out)
     else:
-        manifest = dag.run_local(stage, cfg)
+        # The stage runs in this process: its driver's log records and its training steps (logged by Ray Train
+        # workers, which Prefect does not see) reach this run's log through the logger and the progress file.
+        with progress.forward(progress.run_log_handler()), progress.watch(out, logger.info):
+            manifest = dag.run_local(stage, cfg)
     if not is_complete(out):
         raise RuntimeError(f"{stage} ended without completing {out} (status {manifest.get('status')})")
-    _publish(stage, manifest, out)
+    publish(stage, manifest, out)
     logger.info("%s: done at %s", stage, out)
     return {**manifest, "skipped": False}
 
 
+def _value(returned: dict[str, Any] | State) -> dict[str, Any]:
+    """A task that returns a State (Skipped) hands that State to its caller: its data is the manifest."""
+    return returned.result() if isinstance(returned, State) else returned
+
+
+def _skipped_or(data: Any, skipped: bool) -> Any:
+    """`data`, as a Completed state named "Skipped" when nothing ran: such a flow run must not look like one
+    that trained and evaluated (a direct call still returns `data`)."""
+    return Completed(name="Skipped", message="already complete: nothing ran", data=data) if skipped else data
+
+
 @flow(name="vitok-pipeline", log_prints=True)
 def full_pipeline(
-    preset: str = "tiny",
-    overrides: list[str] | None = None,
-    stages: list[str] | None = None,
-    force: list[str] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The DAG in order; `stages` picks a subset (default all), `force` reruns chosen stages."""
-    selected = dag.check_stages(stages or list(dag.STAGES))
+    preset: Preset = "tiny",
+    overrides: Overrides = (),
+    stages: Stages = dag.STAGES,
+    force: Stages = (),
+) -> dict[str, dict[str, Any]] | State:
+    """The DAG in order (ingest -> train_ae -> cache_latents -> train_flow -> evaluate); stages already done for
+    this config are skipped.
+
+    Args:
+        stages: The stages to run, in pipeline order whatever the order given (default: all five). The first
+            one's inputs must exist.
+        force: Stages to rerun even when done: their output is deleted first (checkpoints included).
+    """
+    selected = dag.check_stages(stages or dag.STAGES)
     forced = dag.check_stages(force or [], "force")
     resolved = dag.resolve_overrides(preset, overrides or [])
     dag.preflight(preset, resolved, selected)
+    resolved = for_cluster(preset, resolved)  # cluster mode: the job's outputs land where this run looks
     results = {}
     for stage in selected:
-        results[stage] = stage_task(stage, preset, resolved, stage in forced)
-    return results
+        results[stage] = _value(stage_task(stage, preset, resolved, stage in forced))
+    return _skipped_or(results, all(manifest["skipped"] for manifest in results.values()))
 
 
 @flow(name="vitok-stage", log_prints=True)
-def run_stage(stage: str, preset: str = "tiny", overrides: list[str] | None = None, force: bool = False) -> dict:
-    """One stage (its inputs must exist)."""
+def run_stage(stage: Stage, preset: Preset = "tiny", overrides: Overrides = (), force: bool = False) -> dict | State:
+    """One stage; its inputs (the upstream stages' outputs for this config) must exist.
+
+    Args:
+        stage: The stage to run.
+        force: Rerun the stage even when done: its output is deleted first (checkpoints included).
+    """
     dag.check_stages([stage], "stage")
     resolved = dag.resolve_overrides(preset, overrides or [])
     dag.preflight(preset, resolved, [stage])
-    return stage_task(stage, preset, resolved, force)
+    result = _value(stage_task(stage, preset, for_cluster(preset, resolved), force))
+    return _skipped_or(result, result["skipped"])

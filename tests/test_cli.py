@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -75,6 +76,13 @@ ERRORS = [
      "Traceback"),
     # only presets that say so (tiny) fall back to the demo photos
     ("5b without source", ["run", "--preset", "5b"], "ingest.source is empty", "Traceback"),
+    # a cluster that does not see this machine's files and the default relative roots: refused before any
+    # request to the cluster (the address is dead: contacting it would end in a connection error instead)
+    ("relative root, non-shared cluster", ["submit", "ingest", "--address", "{dead}", "ingest.source={tmp}",
+     "orchestrate.shared_filesystem=false"], "config error: ingest.root='runs'", "no Ray Jobs API"),
+    ("run: relative root, non-shared cluster", ["run", "--stages", "ingest", "ingest.source={tmp}",
+     "orchestrate.mode=cluster", "orchestrate.address={dead}", "orchestrate.shared_filesystem=false"],
+     "Use absolute paths that every node mounts, or s3:// URIs", "no Ray Jobs API"),
 ]  # fmt: skip
 
 
@@ -189,3 +197,101 @@ def test_deployments_cover_the_dag_and_every_stage():
     assert found[0].entrypoint.endswith("pipelines/flows.py:full_pipeline")  # what infra/prefect/prefect.yaml names
     typed = parameter_schema(full_pipeline.fn).model_dump()["properties"]  # what the UI form shows
     assert set(typed) == {"preset", "overrides", "stages", "force"} and typed["preset"]["default"] == "tiny"
+
+
+def test_run_form_schema_has_descriptions_choices_and_a_string_list():
+    """The deployments' parameter schema (what Prefect's run form renders and its server validates against):
+    every parameter described, presets and stages as choices, overrides an array of key=value strings."""
+    from pipelines.deploy import deployments
+    from pipelines.form import OVERRIDE_PATTERN
+    from vitok_core.config import preset_names
+
+    pipeline, *per_stage = deployments()
+    schema = pipeline._parameter_openapi_schema.model_dump_for_openapi()
+    props = schema["properties"]
+    assert schema.get("required", []) == []  # every parameter has a default: the form runs as it opens
+    assert all(props[name].get("description") for name in ("preset", "overrides", "stages", "force"))
+    assert props["preset"]["enum"] == preset_names() and "tiny" in props["preset"]["enum"]
+    for name in ("stages", "force"):
+        assert props[name]["type"] == "array" and props[name]["items"]["enum"] == list(stages.STAGES)
+    assert props["stages"]["default"] == list(stages.STAGES) and props["force"]["default"] == []
+    overrides = props["overrides"]
+    assert overrides["type"] == "array" and overrides["items"] == {"type": "string", "pattern": OVERRIDE_PATTERN}
+    assert overrides["default"] == [] and "key=value" in overrides["description"]
+    assert all(re.match(OVERRIDE_PATTERN, item) for item in overrides["examples"][0])
+    assert not any("anyOf" in prop or prop.get("type") == "null" for prop in props.values())  # no "None" type
+    for deployment, stage in zip(per_stage, stages.STAGES, strict=True):
+        stage_props = deployment._parameter_openapi_schema.model_dump_for_openapi()["properties"]
+        assert stage_props["stage"]["readOnly"] and stage_props["stage"]["enum"] == [stage]
+        assert all(stage_props[name].get("description") for name in ("stage", "preset", "overrides", "force"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Cluster mode: relative paths made absolute against the submitting directory, or refused
+# ------------------------------------------------------------------------------------------------
+CLUSTER = ["orchestrate.mode=cluster", "orchestrate.address=http://10.255.0.1:8265"]  # never contacted here
+
+
+def test_cluster_paths_are_made_absolute_against_this_directory(tmp_path, monkeypatch, capsys):
+    from pipelines.paths import for_cluster
+
+    monkeypatch.chdir(tmp_path)
+    here = os.getcwd()
+    given = [*CLUSTER, "orchestrate.shared_filesystem=true", "ingest.source=photos", "train.ingest=s3://b/ingest/k",
+             "evaluate.root=/abs/eval", "evaluate.baselines=[/abs/a, base/b, s3://c/d]",
+             "loss.dino_weights=weights/dino.safetensors",
+             "evaluate.dinov2_weights=vit_large_patch14_dinov2.lvd142m"]  # fmt: skip
+    resolved = for_cluster("tiny", given)
+    assert resolved[: len(given)] == given  # added as later overrides: what the job is given, and what wins
+    said = capsys.readouterr().out
+    assert said.startswith("cluster mode: ingest.root='runs', ") and f"absolute against {here} (" in said
+    cfg = load_config("tiny", resolved)
+    for key in ("ingest.root", "train.root", "cache.root", "flow.root"):
+        assert OmegaConf.select(cfg, key) == f"{here}/runs"
+    assert cfg.ingest.source == f"{here}/photos" and cfg.loss.dino_weights == f"{here}/weights/dino.safetensors"
+    assert cfg.train.ingest == "s3://b/ingest/k" and cfg.evaluate.root == "/abs/eval"  # URIs, absolute paths kept
+    assert list(cfg.evaluate.baselines) == ["/abs/a", f"{here}/base/b", "s3://c/d"]
+    assert cfg.evaluate.dinov2_weights == "vit_large_patch14_dinov2.lvd142m"  # a hub name, not a path
+    assert stages.planned_output("ingest", cfg).startswith(f"{here}/runs/ingest/")
+    assert for_cluster("tiny", resolved) == resolved  # nothing relative is left
+    assert for_cluster("tiny", ["ingest.root=runs"]) == ["ingest.root=runs"]  # local mode: the jobs run here
+
+
+def test_cluster_paths_are_refused_when_the_cluster_does_not_share_them():
+    from pipelines.paths import for_cluster
+    from vitok_core.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        for_cluster("tiny", [*CLUSTER, "orchestrate.shared_filesystem=false", "ingest.root=/abs", "flow.root=runs"])
+    message = str(err.value)
+    assert message.startswith("train.root='runs', cache.root='runs', flow.root='runs', evaluate.root='runs': ")
+    assert "ingest.root" not in message and "s3://" in message and "\n" not in message
+    absolute = [*CLUSTER, "orchestrate.shared_filesystem=false", *(f"{k}=s3://b/runs" for k in stages.ROOTS.values())]
+    assert for_cluster("tiny", absolute) == absolute  # URIs need no shared filesystem
+    with pytest.raises(ConfigError, match=r"orchestrate\.shared_filesystem='maybe'"):
+        load_config("tiny", ["orchestrate.shared_filesystem=maybe"])
+
+
+def test_path_keys_cover_every_root_and_overrides_parse_back():
+    from pipelines.paths import PATH_KEYS, override
+    from vitok_core.config import VitokConfig, to_dict
+
+    def keys(tree: dict, prefix: str = "") -> list[str]:
+        return [k for name, v in tree.items() for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict)
+                                                       else [f"{prefix}{name}"])]  # fmt: skip
+
+    roots = {k for k in keys(to_dict(VitokConfig())) if k.endswith(".root")}
+    assert roots == set(stages.ROOTS.values()) and roots <= set(PATH_KEYS)
+    for value in ["/a/b", "/odd #dir: x/[1]", ["/a b", "s3://c/d"]]:
+        assert OmegaConf.to_container(OmegaConf.from_dotlist([override("k", value)]))["k"] == value
+    assert override("k", "/a/b") == "k=/a/b"  # quoted only where it must be
+
+
+def test_node_ips_of_this_machine():
+    from pipelines.cluster import is_this_machine, this_machine
+
+    here = this_machine()
+    assert is_this_machine("127.0.0.1", set()) and is_this_machine("::1", set())
+    assert not is_this_machine("10.255.0.1", {"10.255.0.2"}) and is_this_machine("10.255.0.2", {"10.255.0.2"})
+    assert not is_this_machine("head-node", here)
+    assert all(is_this_machine(ip, here) for ip in here)

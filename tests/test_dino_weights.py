@@ -249,9 +249,9 @@ def test_unmappable_checkpoints_say_why(tmp_path):
 def test_a_hub_repository_name_is_not_taken_for_a_missing_file(monkeypatch):
     """`hf-hub:org/name` holds a slash: it must go to the hub (offline here: an error naming the key), not
     be reported as a missing local file."""
-    from vitok_core.losses import load_dino
-
     import huggingface_hub.constants
+
+    from vitok_core.losses import load_dino
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it here too
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,12 +5,15 @@ rerun (ingest skipped, train_ae resumed from its checkpoint, the rest run), a se
 skipped), a changed train_ae key (train_ae and downstream rerun, ingest not), a forced evaluate (only
 evaluate reruns). Then bad configs, and a stage through the Ray Jobs API on a real `ray start --head`
 cluster, with a cancelled flow run stopping its Ray job; `vitok submit` on that cluster (a stage run, a failed
-job in one line, SIGTERM stopping the job), and `vitok run` failing inside its flow in one line.
+job in one line, SIGTERM stopping the job), `vitok submit` and `vitok run` with the default relative roots (the
+outputs are where the command says, not in the job's working directory), and `vitok run` failing inside its
+flow in one line.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -28,6 +31,7 @@ import pytest
 
 from pipelines import stages
 from pipelines.flows import full_pipeline, run_stage
+from pipelines.publish import artifact_key
 from tests.ingest_samples import make_training_folder
 from vitok_core.artifacts import is_complete, join, read_json
 from vitok_core.config import ConfigError, load_config
@@ -128,7 +132,8 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
     ingest_out = stages.planned_output("ingest", load_config("tiny", overrides))
     assert is_complete(ingest_out) and not fs.glob(f"{bucket}/runs/train_ae/*/_SUCCESS")
 
-    results = full_pipeline("tiny", overrides)
+    state = full_pipeline("tiny", overrides, return_state=True)
+    results = state.result()
     assert ran(results) == ["train_ae", "cache_latents", "train_flow", "evaluate"]  # ingest was done
     assert results["train_ae"]["status"] == "complete" and results["train_ae"]["step"] == 6
     fs.invalidate_cache()
@@ -140,11 +145,20 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
     assert metrics["generation"] and metrics["generation"][0]["images"] == 4  # 4 classes x 1 sample
     assert "loss_curves" in metrics["figures"]  # from the metric lines of the train_ae run on S3
     assert fs.exists(join(paths["evaluate"], "report.md"))
+    check_ui_of_a_run(state.state_details.flow_run_id, paths)
 
     started = time.time()
-    again = full_pipeline("tiny", overrides)
+    state = full_pipeline("tiny", overrides, return_state=True)
+    again = state.result()
     assert ran(again) == [] and time.time() - started < 60
     assert {s: m["output"] for s, m in again.items()} == paths
+    # A run where nothing ran says so: the flow run, every task run, and one artifact per stage.
+    artifacts, _, tasks = ui_of(state.state_details.flow_run_id)
+    assert state.name == "Skipped" and set(tasks.values()) == {"Skipped"}
+    assert sorted(a.data.splitlines()[0] for a in artifacts) == sorted(f"## {s}: skipped" for s in stages.STAGES)
+    for artifact in artifacts:
+        stage = artifact.data.split()[1].rstrip(":")  # "## ingest: skipped"
+        assert artifact.key is None and f"`{paths[stage]}`" in artifact.data
 
     changed = [*overrides, "optim.lr=2e-3"]
     rerun = full_pipeline("tiny", changed)
@@ -155,6 +169,57 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
 
     forced = full_pipeline("tiny", changed, force=["evaluate"])
     assert ran(forced) == ["evaluate"] and forced["evaluate"]["output"] == new_paths["evaluate"]
+
+
+def ui_of(flow_run_id) -> tuple[list, list[str], dict[str, str]]:
+    """What the Prefect UI shows of a flow run: its artifacts, its log lines, its task runs' state names."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # log lines reach the server in batches
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=runs)
+        only = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        logs, page = [], None
+        while page is None or len(page) == 200:  # the server's largest page
+            page = client.read_logs(only, limit=200, offset=len(logs))
+            logs += page
+        tasks = {t.name: t.state.name for t in client.read_task_runs(flow_run_filter=runs)}
+    return artifacts, [log.message for log in logs], tasks
+
+
+def check_ui_of_a_run(flow_run_id, paths: dict[str, str]) -> None:
+    """The resumed run's page: headline numbers in tables, outputs as text (no link: moto's S3 has no console),
+    the report with every figure inline and small enough, training steps in the log, ingest marked skipped."""
+    import base64
+    import json
+    import re
+
+    from pipelines.publish import INLINE_MAX_BYTES
+
+    artifacts, logs, tasks = ui_of(flow_run_id)
+    assert tasks == {"ingest": "Skipped", **{s: "Completed" for s in stages.STAGES[1:]}}
+    keyed = {a.key: a for a in artifacts if a.key}
+    assert not any(a.type == "link" for a in artifacts)
+    [skipped] = [a for a in artifacts if not a.key]
+    assert skipped.data.startswith("## ingest: skipped") and paths["ingest"] in skipped.data
+    train = {row["name"]: row["value"] for row in json.loads(keyed["vitok-train-ae"].data)}
+    assert train["final step"] == "6" and float(train["loss"]) > 0 and float(train["tokens/s"]) > 0
+    evaluate = json.loads(keyed["vitok-evaluate"].data)
+    assert {(r["setting"], r["model"]) for r in evaluate} >= {("64p", "ae"), ("64p", "bicubic")}
+    assert all(float(r[m]) > 0 for r in evaluate if r["model"] != "generated samples" for m in ("PSNR (dB)", "SSIM"))
+    assert [r["model"] for r in evaluate if r["gFID"] != "n/a"] == ["generated samples"]
+    for stage in stages.STAGES[1:]:
+        assert f"`{paths[stage]}`" in keyed[f"{artifact_key(stage)}-output"].data
+    report = keyed["vitok-evaluate-report"].data
+    images = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", report)
+    assert len(images) >= 4 and all(uri.startswith("data:image/png;base64,") for uri in images)
+    assert all(len(base64.b64decode(uri.split(",", 1)[1])) <= INLINE_MAX_BYTES for uri in images)
+    assert any(line.startswith("train_ae: step 6/6, loss ") and "ETA" in line for line in logs), logs
+    assert any(line.startswith("train_flow: step 4/4, loss ") for line in logs), logs
+    assert any(line.startswith("evaluate done: ") for line in logs), logs  # a stage driver's own log line
 
 
 def test_bad_config_fails_before_any_ray_work(prefect_harness, photos, tmp_path):
@@ -173,6 +238,38 @@ def test_bad_config_fails_before_any_ray_work(prefect_harness, photos, tmp_path)
         full_pipeline("tiny", stages=["ingest", "trian_ae"])
     assert ray.is_initialized() == was_running
     assert not (tmp_path / "empty").exists()
+
+
+def test_run_form_refuses_bad_parameters_before_any_flow_code(prefect_harness):
+    """A deployment run (what the UI's run form creates) with a preset, stage or override that does not fit the
+    form is refused by the server when it is created: no flow run exists, so nothing, Ray least of all, starts."""
+    import ray
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    was_running = ray.is_initialized()
+    deployment_id = full_pipeline.to_deployment(name=f"form-{uuid.uuid4().hex[:8]}").apply()
+    with get_client(sync_client=True) as client:
+        name = f"vitok-pipeline/{client.read_deployment(deployment_id).name}"
+        bad = [{"preset": "tinyy"}, {"stages": ["ingest", "trian_ae"]}, {"force": ["all"]},
+               {"overrides": ["train.steps 3"]}, {"overrides": "train.steps=3"}]  # fmt: skip
+        for parameters in bad:
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+                run_deployment(name, parameters=parameters, timeout=0)
+        assert client.read_flow_runs(deployment_filter=_deployment(deployment_id)) == []
+        # A good form is accepted (nothing serves this deployment: the run stays scheduled and is removed).
+        good = {"preset": "tiny", "stages": ["evaluate"], "overrides": FAST}
+        run = run_deployment(name, parameters=good, timeout=0)
+        assert run.parameters["overrides"] == FAST
+        client.delete_flow_run(run.id)
+    assert ray.is_initialized() == was_running
+
+
+def _deployment(deployment_id):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
 
 
 def _free_port() -> int:
@@ -328,6 +425,54 @@ def test_submit_runs_a_stage_and_sigterm_stops_its_ray_job(ray_head, photos, tmp
     while str(client.get_job_status(job_id).value) != "STOPPED" and time.time() < deadline:
         time.sleep(0.5)
     assert str(client.get_job_status(job_id).value) == "STOPPED"
+
+
+@pytest.fixture
+def workdir(tmp_path, photos) -> Path:
+    """A directory to run `vitok` from, holding the photos at the relative path `photos` (the roots stay at the
+    default, the relative `runs`). It is what Ray uploads as the job's working directory: nothing else is in it."""
+    work = tmp_path / "work"
+    shutil.copytree(photos, work / "photos")
+    return work
+
+
+def relative(*extra: str) -> list[str]:
+    """Relative paths only, and the default working_dir: Ray's copy of the working directory is where a
+    relative `runs` would land if it were submitted as it is."""
+    return ["ingest.source=photos", "ingest.label_from=folder", *FAST, "orchestrate.poll_s=0.5", *extra]
+
+
+def assert_ingest_output(out: str, work: Path) -> None:
+    assert out.startswith(f"{work}/runs/ingest/"), out
+    assert is_complete(out)
+    manifest = read_json(join(out, "manifest.json"))
+    assert manifest["output"] == out and manifest["counts"]["accepted"] == 16
+
+
+def test_submit_with_relative_paths_writes_where_it_says(ray_head, workdir):
+    done = subprocess.run(submit(ray_head, "ingest", *relative()), cwd=workdir, env=vitok_env(workdir.parent),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "its nodes (127.0.0.1) are all on this machine" in done.stdout  # orchestrate.shared_filesystem=auto
+    submitted = next(line for line in done.stdout.splitlines() if line.startswith("submitted Ray job"))
+    command = shlex.split(submitted.split(": ", 1)[1])
+    assert f"ingest.root={workdir}/runs" in command and f"ingest.source={workdir}/photos" in command
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("ingest: "), done.stdout
+    assert_ingest_output(last.removeprefix("ingest: "), workdir)
+
+
+def test_run_in_cluster_mode_with_relative_paths_uses_the_real_output(ray_head, prefect_harness, workdir):
+    """The DAG's flow (what the Prefect UI starts) in cluster mode: before, the job succeeded and the flow
+    then failed on a manifest.json that was in Ray's copy of the working directory."""
+    cluster = ["orchestrate.mode=cluster", f"orchestrate.address={ray_head}"]
+    env = vitok_env(workdir.parent, PREFECT_API_URL=prefect.settings.PREFECT_API_URL.value())
+    done = subprocess.run([VITOK, "run", "--stages", "ingest", "--preset", "tiny", *relative(*cluster)],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stage, ran_, out = done.stdout.splitlines()[-1].split()
+    assert (stage, ran_) == ("ingest", "ran"), done.stdout
+    assert_ingest_output(out, workdir)
 
 
 def test_submit_of_a_failing_ray_job_ends_in_one_line(ray_head, no_images, tmp_path):

@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from vitok_core.report import (
     ERROR_CMAP,
+    GRID_ROW_PX,
     budget_changes,
     image_psnr,
     loss_curves_png,
@@ -23,6 +24,7 @@ from vitok_core.report import (
     pareto_png,
     recon_grid_png,
     render_markdown,
+    split_png,
 )
 
 
@@ -157,6 +159,24 @@ def test_recon_grid_rejects_mismatches():
         recon_grid_png(refs, {"ae": [refs[0], photo(40, 41, 1)]})
     with pytest.raises(ValueError, match="reference 0"):
         recon_grid_png([refs[0][..., 0]], {})
+
+
+def test_split_png_cuts_a_grid_between_rows_and_fits_every_part():
+    """A grid over the limit becomes parts of whole rows at full resolution (stacked, they are the grid); a limit
+    below one row downscales that row; a figure under the limit stays as it is."""
+    refs = [photo(256, 256, i) for i in range(4)]
+    grid = recon_grid_png(refs, {"ae": [photo(256, 256, 10 + i) for i in range(4)]})  # noise: PNG barely shrinks it
+    width = png_size(grid)[0]
+    assert split_png(grid, len(grid)) == [grid]
+    limit = len(grid) // 3
+    parts = split_png(grid, limit, GRID_ROW_PX)
+    sizes = [Image.open(io.BytesIO(part)).size for part in parts]
+    assert len(parts) >= 3 and all(len(part) <= limit for part in parts)
+    assert all(w == width for w, _ in sizes) and all(h % GRID_ROW_PX == 0 for _, h in sizes[:-1])
+    assert (np.concatenate([png_rgb(part) for part in parts]) == png_rgb(grid)).all()
+    small = split_png(grid, 40_000, GRID_ROW_PX)
+    assert len(small) == 4 and all(len(part) <= 40_000 for part in small)  # one row each, downscaled
+    assert all(Image.open(io.BytesIO(part)).width < width for part in small)
 
 
 def colour_pixels(rgb: np.ndarray, fraction: float) -> np.ndarray:

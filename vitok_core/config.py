@@ -280,6 +280,10 @@ class OrchestrateConfig:
     entrypoint_cpus: float = 0.0  # cluster mode: CPUs reserved for each stage driver (light: its workers do the work)
     entrypoint_gpus: float = 0.0
     poll_s: float = 2.0  # cluster mode: seconds between status checks while streaming logs
+    # cluster mode: whether every node sees this machine's paths, so that relative roots and inputs can be made
+    # absolute before submission (a job would resolve them in its own working directory) instead of refused.
+    # auto = every alive node of the cluster is this machine; true = the nodes mount the same paths (NFS); false
+    shared_filesystem: str = "auto"
     # An empty ingest.source means the demo photos of installed packages. Only presets for demos and tests turn
     # it on (tiny): any other preset without a source must stop rather than train on 48 demo crops.
     demo_photos: bool = False
@@ -516,6 +520,7 @@ def validate(cfg: Any) -> None:
     _batch_rule(cfg, "train")
     _validate_evaluate(cfg)
     _rule(cfg, "orchestrate.mode", lambda v: v in ("local", "cluster"), "'local' or 'cluster'")
+    _rule(cfg, "orchestrate.shared_filesystem", lambda v: v.lower() in ("auto", "true", "false"), "auto, true or false")
     if cfg.orchestrate.mode == "cluster":
         _rule(cfg, "orchestrate.address", lambda v: bool(v), "a Ray Jobs address (http://HEAD:8265) in cluster mode")
     if cfg.loss.dino_weight > 0 and cfg.loss.dino_pretrained and not cfg.loss.dino_weights:

@@ -21,6 +21,7 @@ DPI = 100
 ERROR_CMAP = "inferno"
 ERROR_MAX = 64.0  # |error| in 0..255 units at the top of the colour scale, shared by every model
 GRID_CELL, GRID_TITLE, GRID_PAD = 2.6, 0.45, 0.1  # inches: image box, title room above it, gap between cells
+GRID_ROW_PX = round((GRID_CELL + GRID_TITLE) * DPI)  # one grid row in pixels: where a grid can be cut (split_png)
 SMALL_SET = 2048  # the usual minimum for FID statistics; fewer images bias FID-type metrics upward
 LOSS_TERMS = ("charbonnier", "ssim_loss", "ssim", "dino", "perceptual")
 EXTRACTOR_NAMES = {"inception": "Inception", "dinov2": "DINOv2", "dinov3": "DINOv3"}
@@ -310,9 +311,55 @@ def recon_grid_png(
     for ax in (ax for row_axes in axes for ax in row_axes):
         ax.set_axis_off()
     if error_image is not None:
-        bar = fig.add_axes(((width - colorbar_room + 0.1) / width, 0.15, 0.15 / width, 0.7))
+        # Beside the first row only: a grid cut into parts of whole rows (split_png) keeps it whole in the first part.
+        first_row = (height - GRID_CELL - GRID_TITLE) / height
+        bar = fig.add_axes(((width - colorbar_room + 0.1) / width, first_row, 0.15 / width, GRID_CELL / height))
         fig.colorbar(error_image, cax=bar, label="mean |error| (0-255)")
     return _png(fig)
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    with io.BytesIO() as buffer:
+        image.save(buffer, format="PNG")  # zlib's default level, as matplotlib: optimize=True is slow for little
+        return buffer.getvalue()
+
+
+def _shrink_to_fit(image: Image.Image, max_bytes: int) -> bytes:
+    """The image downscaled (Lanczos) until its PNG is at most `max_bytes`; PNG size scales about with the pixel
+    count, so each try scales the sides by the square root of the size ratio, with 10% to spare."""
+    data = _encode_png(image)
+    while len(data) > max_bytes and min(image.size) > 16:
+        scale = 0.9 * math.sqrt(max_bytes / len(data))
+        image = image.resize(_display_size(image.height, image.width, round(max(image.size) * scale)),
+                             Image.Resampling.LANCZOS)  # fmt: skip
+        data = _encode_png(image)
+    return data
+
+
+def split_png(data: bytes, max_bytes: int, band_px: int | None = None) -> list[bytes]:
+    """The PNG as parts of at most `max_bytes` each, top to bottom, for places with a size limit. With `band_px`
+    (a grid's row height, GRID_ROW_PX) the image is cut between rows only, as many whole rows per part as fit, so
+    that every row keeps its full resolution; a row that alone is too large, or an image without `band_px`, is
+    downscaled until it fits."""
+    if len(data) <= max_bytes:
+        return [data]
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("RGB")  # figures are opaque: RGBA's alpha only costs bytes
+    rows = max(1, image.height // band_px) if band_px else 1
+    cuts = [i * (band_px or 0) for i in range(rows)] + [image.height]  # the last row takes the bottom margin
+    parts, first = [], 0
+    while first < rows:
+        last, best = first + 1, _encode_png(image.crop((0, cuts[first], image.width, cuts[first + 1])))
+        while last < rows:
+            wider = _encode_png(image.crop((0, cuts[first], image.width, cuts[last + 1])))
+            if len(wider) > max_bytes:
+                break
+            last, best = last + 1, wider
+        if len(best) > max_bytes:
+            best = _shrink_to_fit(image.crop((0, cuts[first], image.width, cuts[last])), max_bytes)
+        parts.append(best)
+        first = last
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
