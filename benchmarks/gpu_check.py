@@ -446,6 +446,7 @@ def set_lr(optimizer: Any, lr: float) -> None:
 # ------------------------------------------------------------------------------------------------
 def section_learns(ctx: Context, sec: Section) -> None:
     from jobs.train_ae import micro_step, setup_training
+    from jobs.train_common import StepStats
     from vitok_core.model import parse_variant
     from vitok_core.naflex import to_device
     from vitok_core.schedules import lr_at_step
@@ -461,23 +462,41 @@ def section_learns(ctx: Context, sec: Section) -> None:
     engine, optimizer, loss_fn, n_params = setup_training(cfg, ctx.device)
     try:
         engine.train()
-        rng, terms = np.random.default_rng(2), []
+        rng, losses, finite = np.random.default_rng(2), [], []
         start = time.perf_counter()
         for step in range(p.learn_steps):
             if ctx.left() <= 0:
                 break
             set_lr(optimizer, lr_at_step(step, p.learn_steps, cfg.optim.lr, warmup, cfg.optim.min_lr))
-            batch = to_device(draw_batch(pool, p.learn_batch, rng), ctx.device)
-            terms.append(micro_step(engine, loss_fn, batch, torch.Generator().manual_seed(step)))
-        # One read at the end: the losses stay on the device while the steps run.
-        losses = torch.stack([t["loss"].float() for t in terms]).cpu().tolist() if terms else []
-        finite = torch.stack([t["finite"].float() for t in terms]).cpu().tolist() if terms else []
+            host = draw_batch(pool, p.learn_batch, rng)
+            stats = StepStats(ctx.device)  # the job's once-per-step read: pinned copy + reduce on the device
+            stats.add("tokens", int(host["patch_mask"].sum()))
+            terms = micro_step(engine, loss_fn, to_device(host, ctx.device), torch.Generator().manual_seed(step))
+            for name in ("loss", "finite"):
+                stats.add(name, terms[name])
+            stats.add("grad_norm", engine.get_global_grad_norm())
+            read = stats.reduce_and_read()
+            losses.append(read["loss"])
+            finite.append(read["finite"])
         wall = time.perf_counter() - start
+        check_export(sec, engine, n_params)
     finally:
         release(engine)
     for step in range(0, len(losses), max(1, len(losses) // 10)):
         sec.rows.append({"step": step + 1, "loss": losses[step]})
     judge_learning(sec, losses, finite, wall, n_params, p)
+
+
+def check_export(sec: Section, engine: Any, n_params: int) -> None:
+    """The export's gather (jobs.train_common.full_fp32_state): every parameter's fp32 master, finite."""
+    from jobs.train_common import full_fp32_state
+
+    params = dict(engine.module.named_parameters())
+    state = {k: v for k, v in full_fp32_state(engine, 0).items() if k in params}
+    elements = sum(v.numel() for v in state.values())
+    ok = state.keys() == params.keys() and elements == n_params
+    ok = ok and all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in state.values())
+    sec.check("export gathers the fp32 masters", ok, f"{len(state)} tensors, {elements:,} of {n_params:,} elements")
 
 
 def judge_learning(sec: Section, losses: list[float], finite: list[float], wall: float, n_params: int, p: Plan) -> None:
@@ -512,6 +531,7 @@ def section_train_flow(ctx: Context, sec: Section) -> None:
     engine, optimizer, ema = setup_training(cfg, stats, ctx.device)
     try:
         row = run_flow_steps(ctx, cfg, engine, optimizer, ema, channels, len(stats["classes"]))
+        check_export(sec, engine, sum(q.numel() for q in engine.module.parameters()))
         row.update(run_sampler(ctx, cfg, ema, channels, len(stats["classes"])))
     finally:
         release(engine)
@@ -580,17 +600,13 @@ def run_flow_steps(ctx: Context, cfg: Any, engine: Any, optimizer: Any, ema: Any
 
 
 def flow_step(engine: Any, ema: Any, host: dict, device: torch.device, generator: Any, dropout: float) -> torch.Tensor:
-    """One train_flow step as the job's loop runs it: the batch to the device (x in the model's dtype), loss,
-    backward, DeepSpeed step, EMA update. The loss stays on the device."""
-    from vitok_core.flow import flow_loss
-    from vitok_core.naflex import to_device
+    """One train_flow step as the job's loop runs it (its micro_step, then the EMA update). The loss stays on
+    the device."""
+    from jobs.train_flow import micro_step
 
-    batch = to_device(host, device, next(engine.module.parameters()).dtype)
-    loss = flow_loss(engine, batch["x"], batch["labels"], batch, generator, dropout, engine.module.null_class)
-    engine.backward(loss)
-    engine.step()
+    loss = micro_step(engine, host, device, generator, dropout)
     ema.update(engine.module)
-    return loss.detach()
+    return loss
 
 
 def run_sampler(ctx: Context, cfg: Any, ema: Any, channels: int, classes: int) -> dict:

@@ -143,6 +143,18 @@ def setup_training(cfg: VitokConfig, stats: dict, device: torch.device) -> tuple
     return engine, optimizer, ema
 
 
+def micro_step(
+    engine: Any, host: dict[str, torch.Tensor], device: torch.device, generator: torch.Generator, label_dropout: float
+) -> torch.Tensor:
+    """One micro-batch: to the device (x in the model's dtype; t, noise and the path stay fp32 in flow_loss),
+    loss, backward, DeepSpeed step. Returns the loss on the device (nothing here reads it)."""
+    batch = to_device(host, device, next(engine.module.parameters()).dtype)
+    loss = flow_loss(engine, batch["x"], batch["labels"], batch, generator, label_dropout, engine.module.null_class)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
+
+
 def _export(engine: Any, ema: EMA, out: str, cfg: VitokConfig, stats: dict, step: int, rank: int) -> None:
     """dit.safetensors: the fp32 master weights (every rank takes part in gathering them); dit_ema: the
     fp32 EMA."""
@@ -185,8 +197,6 @@ def train_loop(config: dict[str, Any]) -> None:
     micro, accumulation = micro_batch_and_accumulation(cfg)
 
     engine, optimizer, ema = setup_training(cfg, stats, device)
-    null_class = engine.module.null_class
-    model_dtype = next(engine.module.parameters()).dtype
     state: dict[str, Any] = {"step": 0, "position": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -233,13 +243,9 @@ def train_loop(config: dict[str, Any]) -> None:
             measured.add("data_wait_s", time.perf_counter() - t0)
             measured.add("tokens", int(batch["patch_mask"].sum()))  # host tensor: no device read
             state["position"] += 1
-            batch = to_device(batch, device, model_dtype)  # x in the model's dtype; t and noise stay fp32
             seed = np.random.default_rng([f.seed, rank, step, micro]).integers(2**62)
             generator = torch.Generator().manual_seed(int(seed))  # t, noise and label drops: a function of the step
-            loss = flow_loss(engine, batch["x"], batch["labels"], batch, generator, f.label_dropout, null_class)
-            engine.backward(loss)
-            engine.step()
-            measured.add("loss", loss / accumulation)
+            measured.add("loss", micro_step(engine, batch, device, generator, f.label_dropout) / accumulation)
         ema.update(engine.module)
         grad_norm = engine.get_global_grad_norm()
         measured.add("grad_norm", grad_norm if grad_norm is not None else float("nan"))
