@@ -42,6 +42,7 @@ from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
 from vitok_core.checkpoint import load_part_model, published_sha256, read_export_info
 from vitok_core.config import VitokConfig, to_dict
+from vitok_core.fingerprint import manifest_fields
 from vitok_core.images import decode_image, to_tensor
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.latents import ChannelStats, from_bytes, to_bytes
@@ -276,6 +277,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         "wall_s": time.time() - start,
         "versions": {"vitok": __version__, "ray": ray.__version__, "torch": torch.__version__},
         "code_version": CODE_VERSION,
+        **manifest_fields("cache_latents"),
     }
     write_json(join(out, "manifest.json"), manifest)
     mark_success(out)

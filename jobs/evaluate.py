@@ -61,6 +61,7 @@ from vitok_core.evaluation import (
     setting_budget,
 )
 from vitok_core.features import build_extractor
+from vitok_core.fingerprint import manifest_fields
 from vitok_core.images import decode_image, to_tensor, to_uint8
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.model import build_autoencoder, parse_variant
@@ -72,9 +73,11 @@ log = logging.getLogger("vitok.evaluate")
 CODE_VERSION = "evaluate-3"
 REFERENCE = "reference"
 SAMPLES = "samples"
-# Settings that change how the job runs, not its numbers: not part of the key.
+# Settings that change how the job runs, not its numbers: not part of the key. `keep` (how many images per
+# setting go into the reconstruction grids) changes the figures, never a metric: a changed keep on a done
+# evaluation is skipped with the old grids (--force evaluate redraws them).
 _NOT_IN_KEY = ("root", "data", "autoencoder", "baselines", "samples", "actors", "cpus_per_actor", "batch_size")
-_NOT_IN_KEY += ("images_per_task", "fail_at_task")
+_NOT_IN_KEY += ("images_per_task", "fail_at_task", "keep")
 
 DEFINITIONS = {
     "psnr": "PSNR in dB per image at the setting's (unpadded) size, data range [-1, 1] (prediction clipped), "
@@ -534,6 +537,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         "headline": headline(metrics),
         "wall_s": time.time() - start,
         "code_version": CODE_VERSION,
+        **manifest_fields("evaluate"),
     }
     write_json(join(out, "manifest.json"), manifest)
     remove(join(out, "_staging"))

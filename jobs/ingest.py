@@ -54,6 +54,7 @@ from jobs.common import init_ray, parse_config, setup_logging
 from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.config import VitokConfig, to_dict
+from vitok_core.fingerprint import manifest_fields
 from vitok_core.ingest import IngestRules, Outcome, process_image
 from vitok_core.variants import parse_variant
 
@@ -578,6 +579,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         },
         "versions": versions(),
         "code_version": CODE_VERSION,
+        **manifest_fields("ingest"),
     }
     write_json(join(out, "manifest.json"), manifest)
     mark_success(out)

@@ -54,6 +54,7 @@ from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_key
 from vitok_core.checkpoint import save_published
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, mixed_precision, to_dict
+from vitok_core.fingerprint import manifest_fields
 from vitok_core.flops import peak_flops, train_flops_per_token
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.loader import Augment, BucketLoader, ShardIndex, describe_buckets, grid_of, valid_tokens
@@ -67,12 +68,14 @@ log = logging.getLogger("vitok.train_ae")
 
 CODE_VERSION = "train_ae-2"  # 2: init inside constructors (zero.Init), fp32 RoPE, SSIM rewrite
 # Settings that do not change the trained weights, so they stay out of the run key: where things are,
-# how often to log, how many loader processes, how many restarts, where to pause.
+# how often to log and checkpoint (a resume is exact), how many loader processes, how many restarts, where to
+# pause. checkpoint_every comes back into the key with faults.nan_at_steps (train_settings).
 _NOT_IN_KEY = (
     "root",
     "ingest",
     "loader_workers",
     "log_every",
+    "checkpoint_every",
     "keep_checkpoints",
     "max_failures",
     "peak_tflops",
@@ -93,6 +96,11 @@ def train_settings(cfg: VitokConfig, ingest_key: str) -> dict[str, Any]:
     # A recovered crash leaves the weights as an uninterrupted run has them (tested), so fail_at_step is not
     # part of the key; non-finite steps change the weights, so nan_at_steps is.
     train["faults"] = {"nan_at_steps": train["faults"]["nan_at_steps"]}
+    if train["faults"]["nan_at_steps"]:
+        # After max_bad_steps non-finite steps in a row the last checkpoint is restored, so where the injected
+        # NaNs land relative to the checkpoints decides the weights. (A real NaN stretch cannot be known in
+        # advance: a changed cadence there changes which checkpoint is restored; docs/orchestration.md.)
+        train["checkpoint_every"] = cfg.train.checkpoint_every
     sections = {name: to_dict(getattr(cfg, name)) for name in ("model", "data", "loss", "optim")}
     return {**sections, "train": train, "ingest_key": ingest_key}
 
@@ -420,6 +428,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         wall_s_this_run=time.time() - start,
         versions=_versions(),
         code_version=CODE_VERSION,
+        **manifest_fields("train_ae"),
     )
     log.info("train_ae %s: %s at step %d of %d", out, manifest["status"], manifest["step"], cfg.train.steps)
     return manifest

@@ -46,6 +46,7 @@ from jobs.train_common import (
 from vitok_core import __version__
 from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_key, write_json
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, mixed_precision, to_dict
+from vitok_core.fingerprint import manifest_fields
 from vitok_core.flow import EMA, flow_loss
 from vitok_core.loader import LatentLoader, ShardIndex
 from vitok_core.model.dit import build_dit
@@ -56,11 +57,14 @@ from vitok_core.schedules import lr_at_step
 log = logging.getLogger("vitok.train_flow")
 
 CODE_VERSION = "train_flow-2"  # 2: fp32 EMA, t and RoPE, fp32 master export
+# Settings that do not change the weights: where things are, how often to log and checkpoint (a resume is
+# exact; train_flow has no restore-on-NaN), loader processes, restarts, where to pause, the sampler.
 _NOT_IN_KEY = (
     "root",
     "cache",
     "loader_workers",
     "log_every",
+    "checkpoint_every",
     "keep_checkpoints",
     "max_failures",
     "stop_at_step",
@@ -314,6 +318,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         wall_s_this_run=time.time() - start,
         versions={"vitok": __version__, "torch": torch.__version__},
         code_version=CODE_VERSION,
+        **manifest_fields("train_flow"),
     )
     log.info("train_flow %s: %s at step %d of %d", out, manifest["status"], manifest["step"], f.steps)
     return manifest

@@ -183,6 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.stages import status
+    from vitok_core.fingerprint import changed_text
 
     rows = status(args.root)
     if not rows:
@@ -190,8 +191,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         state = "done" if row["done"] else "incomplete"
+        found = row["code"] or {"state": "-"}  # the code that made a done output: current, stale or unknown
+        code = "code:" + (found["state"].upper() if found["state"] == "stale" else found["state"])
         details = " | ".join(x for x in (row["config"], row["summary"]) if x)
-        print(f"{row['stage']:14s} {row['key']}  {state:10s} {row['written'] or '-':16s}  {details}")
+        print(f"{row['stage']:14s} {row['key']}  {state:10s} {code:13s} {row['written'] or '-':16s}  {details}")
+        if found["state"] == "stale":
+            changed = changed_text(found["changed"])
+            print(f"  stale: made by code {found['recorded']}, this checkout is {found['current']}; changed: {changed}")
+            print(f"  rerun, with the preset and key=value overrides that made it: {found['rerun']}")
     return 0
 
 

@@ -45,6 +45,7 @@ def _cancelled() -> bool:
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
 def stage_task(stage: str, preset: str, overrides: list[str], force: bool = False) -> dict[str, Any] | State:
     logger = get_run_logger()
+    rerun = dag.rerun_command(stage, preset, overrides)  # shown when the output's code is stale
     if stage == "evaluate":
         overrides = dag.with_samples(load_config(preset, overrides), overrides)
     cfg = load_config(preset, overrides)
@@ -55,7 +56,8 @@ def stage_task(stage: str, preset: str, overrides: list[str], force: bool = Fals
     if is_complete(out):
         logger.info("%s: done at %s; skipped", stage, out)
         manifest = dag.manifest_of(out)
-        publish(stage, manifest, out, skipped=True)
+        if publish(stage, manifest, out, skipped=True, rerun=rerun)["state"] == "stale":
+            logger.warning("%s: %s was made by other code than this; to rerun it: %s", stage, out, rerun)
         # A state of its own name: the UI shows the task run as "Skipped", not as a run that did the work.
         return Completed(name="Skipped", message=f"already complete at {out}", data={**manifest, "skipped": True})
     if cfg.orchestrate.mode == "cluster":
@@ -71,7 +73,7 @@ def stage_task(stage: str, preset: str, overrides: list[str], force: bool = Fals
             manifest = dag.run_local(stage, cfg)
     if not is_complete(out):
         raise RuntimeError(f"{stage} ended without completing {out} (status {manifest.get('status')})")
-    publish(stage, manifest, out)
+    publish(stage, manifest, out, rerun=rerun)
     logger.info("%s: done at %s", stage, out)
     return {**manifest, "skipped": False}
 

@@ -1,6 +1,8 @@
 """What a stage shows in the Prefect UI: its headline numbers (a table artifact), where its output is (a markdown
 artifact: paths as text, a link only where a browser can open one), the evaluation report with every figure
-inline, and for a stage that was already done, an artifact that says it was skipped.
+inline, and for a stage that was already done, an artifact that says it was skipped. Each stage's table and
+markdown say whether its output was made by this code (the manifest's code fingerprint; vitok_core/fingerprint.py):
+current, STALE with the command that reruns it, or unknown for an output written before fingerprints.
 
 The UI renders artifact markdown in the browser, which cannot open the run's files: a figure must travel inside
 the artifact as a data URI (a relative or local path gets a 404 from the Prefect server), and a file:// link does
@@ -18,7 +20,9 @@ from urllib.parse import quote
 
 import fsspec
 
+from pipelines.stages import code_state
 from vitok_core.artifacts import join, read_json
+from vitok_core.fingerprint import STALE, changed_text
 from vitok_core.report import GRID_ROW_PX, format_metric, metric_title, split_png
 
 # Largest inlined image (PNG bytes; base64 adds a third). Prefect's server sets no limit on artifact data (its
@@ -89,11 +93,25 @@ def _evaluate_rows(out: str) -> list[dict[str, str]]:
     ]
 
 
-def headline_rows(stage: str, manifest: dict[str, Any], out: str) -> list[dict[str, str]]:
-    """The table artifact of a stage: evaluate's metrics per setting and model, else (name, value) rows."""
+def code_text(code: dict[str, Any]) -> str:
+    """One line on the code that made an output (a `pipelines.stages.code_state`)."""
+    if code["state"] == STALE:
+        changed = changed_text(code["changed"])
+        return f"STALE: made by code {code['recorded']}, this code is {code['current']} (changed: {changed})"
+    if code["state"] == "current":
+        return f"current ({code['recorded']})"
+    return "unknown (the manifest predates code fingerprints)"
+
+
+def headline_rows(
+    stage: str, manifest: dict[str, Any], out: str, code: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
+    """The table artifact of a stage: evaluate's metrics per setting and model, else (name, value) rows, the
+    last one the code state when given (evaluate's goes in its markdown: its table has metric columns)."""
     if stage == "evaluate":
         return _evaluate_rows(out)
-    return [{"name": name, "value": value} for name, value in _pairs(stage, manifest)]
+    rows = [{"name": name, "value": value} for name, value in _pairs(stage, manifest)]
+    return rows + ([{"name": "code", "value": code_text(code)}] if code else [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,16 +155,27 @@ def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
     return lines + ["| " + " | ".join(row.get(key, "").replace("|", "\\|") for key in header) + " |" for row in rows]
 
 
-def summary_markdown(stage: str, manifest: dict[str, Any], out: str, rows: list[dict[str, str]], skipped: bool) -> str:
-    """The stage's outputs as text (plus a console link where one can open), its headline numbers, and for a
-    skipped stage a first line that says so."""
+def summary_markdown(
+    stage: str,
+    manifest: dict[str, Any],
+    out: str,
+    rows: list[dict[str, str]],
+    skipped: bool,
+    code: dict[str, Any] | None = None,
+) -> str:
+    """The stage's outputs as text (plus a console link where one can open), its headline numbers, for a
+    skipped stage a first line that says so, and the code state (`code`), with the rerun command when stale."""
     if skipped:
         lines = [f"## {stage}: skipped", "", "Already complete, made by an earlier run: nothing ran in this run.", ""]
     else:
         lines = [f"## {stage}: ran", ""]
+    if code and code["state"] == STALE:
+        lines += [f"**Stale code**: {code_text(code)[len('STALE: ') :]}.", "", f"Rerun: {_code(code['rerun'])}", ""]
     for name, uri in locations(manifest, out):
         url = console_url(uri)
         lines.append(f"- **{name}**: {_code(uri)}" + (f" ([open]({url}))" if url else ""))
+    if code and code["state"] != STALE:  # a stale one is said above, with its rerun command
+        lines.append(f"- **code**: {code_text(code)}")
     return "\n".join([*lines, "", *_markdown_table(rows), ""])
 
 
@@ -179,17 +208,24 @@ def inline_report(out: str, max_bytes: int = INLINE_MAX_BYTES) -> str:
 # ------------------------------------------------------------------------------------------------
 # Prefect
 # ------------------------------------------------------------------------------------------------
-def publish(stage: str, manifest: dict[str, Any], out: str, skipped: bool = False) -> None:
+def publish(
+    stage: str, manifest: dict[str, Any], out: str, skipped: bool = False, rerun: str | None = None
+) -> dict[str, Any]:
     """The stage's artifacts on the current Prefect run. A skipped stage gets one markdown artifact without a key:
-    it belongs to this run's page, and the stage's keyed artifacts keep showing the run that made the output."""
+    it belongs to this run's page, and the stage's keyed artifacts keep showing the run that made the output.
+    `rerun`: the command that reruns the stage (pipelines.stages.rerun_command with the run's preset and
+    overrides). Returns the code state."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     key = artifact_key(stage)
-    rows = headline_rows(stage, manifest, out)
-    text = summary_markdown(stage, manifest, out, rows, skipped)
+    code = code_state(stage, manifest)
+    if code["state"] == STALE and rerun:
+        code["rerun"] = rerun
+    rows = headline_rows(stage, manifest, out, code)
+    text = summary_markdown(stage, manifest, out, rows, skipped, code)
     if skipped:
         create_markdown_artifact(text, description=f"{stage}: skipped, already complete")
-        return
+        return code
     if rows:
         create_table_artifact(rows, key=key, description=f"{stage}: headline numbers")
     create_markdown_artifact(text, key=f"{key}-output", description=f"{stage}: output locations and numbers")
@@ -198,3 +234,4 @@ def publish(stage: str, manifest: dict[str, Any], out: str, skipped: bool = Fals
         create_link_artifact(url, link_text=f"{stage} output", key=f"{key}-link", description=f"{stage} output")
     if stage == "evaluate":
         create_markdown_artifact(inline_report(out), key="vitok-evaluate-report", description="evaluation report")
+    return code

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from vitok_core.artifacts import MANIFEST, SUCCESS, absolute, is_complete, join, read_json, remove
 from vitok_core.config import ConfigError, VitokConfig, load_config
+from vitok_core.fingerprint import STALE, compare, fingerprint
 
 STAGES = ("ingest", "train_ae", "cache_latents", "train_flow", "evaluate")
 # Where each stage writes ({root}/{stage}/{key}/): the config key of its root.
@@ -32,6 +33,11 @@ ROOTS = {
     "train_flow": "flow.root",
     "evaluate": "evaluate.root",
 }
+# The stages whose key follows another stage's output by that stage's key, not by its content: a forced rerun
+# of the stage keeps its key, so these must be forced with it to see the new output. (The others follow the
+# content: cache_latents and evaluate hash the autoencoder's weights, evaluate hashes the samples, and the
+# samples live inside train_flow's output.)
+FOLLOWS_BY_KEY = {"ingest": ("train_ae",), "cache_latents": ("train_flow",)}
 
 
 def check_stages(names: Sequence[str], what: str = "stages") -> list[str]:
@@ -132,6 +138,17 @@ def run_local(stage: str, cfg: VitokConfig) -> dict[str, Any]:
     return manifest
 
 
+def rerun_command(stage: str, preset: str | None = None, overrides: Sequence[str] = ()) -> str:
+    """The command that reruns a done stage with the current code: `vitok run --force` of the stage and of
+    the stages that follow it by key (FOLLOWS_BY_KEY); the rest of the DAG is skipped where done. Without a
+    preset (`vitok status` does not know which config made an output) it ends with a placeholder."""
+    forced = [stage, *FOLLOWS_BY_KEY.get(stage, ())]
+    if not preset:
+        return shlex.join(["vitok", "run", "--force", *forced]) + " [--preset P | --config F] [key=value ...]"
+    option = "--config" if Path(preset).suffix in (".yaml", ".yml") else "--preset"
+    return shlex.join(["vitok", "run", option, preset, "--force", *forced, *overrides])
+
+
 def entrypoint(stage: str, preset: str, overrides: Sequence[str]) -> str:
     """The shell command of the stage as a Ray job: `python -m jobs.<stage> --config P k=v ...`."""
     args = ["python", "-m", f"jobs.{stage}", "--config", preset, *overrides]
@@ -213,7 +230,14 @@ def _read(fs: Any, path: str, load: Callable[[Any], Any]) -> dict[str, Any]:
         return load(f) or {}
 
 
-def _row(fs: Any, stage: str, path: str, uri: str) -> dict[str, Any]:
+def code_state(stage: str, manifest: dict[str, Any], now: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The output's recorded code fingerprint against this checkout's (vitok_core.fingerprint.compare), with
+    the rerun command when they differ."""
+    found = compare(stage, manifest, now)
+    return {**found, "rerun": rerun_command(stage) if found["state"] == STALE else None}
+
+
+def _row(fs: Any, stage: str, path: str, uri: str, now: dict[str, Any]) -> dict[str, Any]:
     done = fs.exists(f"{path}/{SUCCESS}")
     manifest = _read(fs, f"{path}/{MANIFEST}", json.load)
     config = _read(fs, f"{path}/config.yaml", _yaml)
@@ -228,19 +252,22 @@ def _row(fs: Any, stage: str, path: str, uri: str) -> dict[str, Any]:
         "written": written.astimezone().strftime("%Y-%m-%d %H:%M") if written else "",
         "config": _config_summary(stage, manifest, config),
         "summary": _counts(stage, manifest) if done else _progress(stage, uri, config),
+        "code": code_state(stage, manifest, now) if done else None,  # an unfinished run has no manifest yet
     }
 
 
 def status(root: str) -> list[dict[str, Any]]:
     """Every stage directory under a run root: stage, key, done (has _SUCCESS), when it was last written
-    (local time), what config made it, and its counts (done) or its last logged step (unfinished training)."""
+    (local time), what config made it, its counts (done) or its last logged step (unfinished training), and
+    for a done stage whether the code that made it is this checkout's (`code`: see code_state)."""
     fs, base = fsspec.core.url_to_fs(absolute(root))
     rows = []
     for stage in STAGES:
         stage_dir = f"{base.rstrip('/')}/{stage}"
         if not fs.isdir(stage_dir):
             continue
+        now = fingerprint(stage)
         for path in sorted(fs.ls(stage_dir, detail=False)):
             key = path.rstrip("/").rsplit("/", 1)[-1]
-            rows.append(_row(fs, stage, path, join(absolute(root), stage, key)))
+            rows.append(_row(fs, stage, path, join(absolute(root), stage, key), now))
     return rows

@@ -168,9 +168,56 @@ def test_status_lists_stage_outputs(tmp_path, capsys):
         main(["status", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert exit_.value.code == 0
-    assert out[0].split() == ["ingest", "abc", "done", "2026-03-04", "05:06", "source", "/photos,", "budgets", "[64,",
-                              "256]", "|", "read", "5,", "accepted", "4,", "rejected", "1"]  # fmt: skip
+    assert out[0].split() == ["ingest", "abc", "done", "code:unknown", "2026-03-04", "05:06", "source",
+                              "/photos,", "budgets", "[64,", "256]", "|", "read", "5,", "accepted", "4,", "rejected",
+                              "1"]  # fmt: skip
     assert "incomplete" in out[1] and "tiny, Tid2-Tid4/1x16x16, 50 steps | step 4 of 50 (last logged)" in out[1]
+    assert "code:-" in out[1]  # an unfinished run has no manifest yet
+
+
+def test_status_flags_outputs_made_by_other_code(tmp_path, capsys):
+    """A manifest's code fingerprint against this checkout's: current, stale (with what changed and the command
+    that reruns it: the stage, and the stages that follow it by key), or unknown when it has none."""
+    from vitok_core.fingerprint import manifest_fields
+
+    now = manifest_fields("train_ae")
+    old = {"code_fingerprint": "0123456789abcdef", "code_files": {**now["code_files"], "vitok_core/losses.py": "0"}}
+    for key, code in (("current", now), ("stale", old), ("unknown", {})):
+        write_json(join(str(tmp_path), "train_ae", key, "manifest.json"), {"step": 3, **code})
+        mark_success(join(str(tmp_path), "train_ae", key))
+    write_json(join(str(tmp_path), "ingest", "old", "manifest.json"), {"code_fingerprint": "0" * 16})
+    mark_success(join(str(tmp_path), "ingest", "old"))
+    rows = {r["key"]: r["code"] for r in stages.status(str(tmp_path))}
+    assert {key: code["state"] for key, code in rows.items()} == {
+        "old": "stale", "current": "current", "stale": "stale", "unknown": "unknown"}  # fmt: skip
+    assert rows["stale"]["changed"] == ["vitok_core/losses.py"] and rows["unknown"]["rerun"] is None
+    assert rows["old"]["changed"] == []  # files not recorded
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["status", str(tmp_path)])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:4] for line in out if not line.startswith(" ")] == [
+        ["ingest", "old", "done", "code:STALE"],
+        ["train_ae", "current", "done", "code:current"],
+        ["train_ae", "stale", "done", "code:STALE"],
+        ["train_ae", "unknown", "done", "code:unknown"],
+    ]
+    ingest_now = stages.fingerprint("ingest")["fingerprint"]
+    assert out[1] == f"  stale: made by code {'0' * 16}, this checkout is {ingest_now}; changed: files not recorded"
+    assert out[2].endswith(": vitok run --force ingest train_ae [--preset P | --config F] [key=value ...]")
+    stale = out.index(next(line for line in out if line.startswith("train_ae       stale")))
+    assert out[stale + 1].startswith("  stale: made by code 0123456789abcdef, this checkout is ")
+    assert out[stale + 1].endswith("; changed: vitok_core/losses.py")
+    assert out[stale + 2] == (
+        "  rerun, with the preset and key=value overrides that made it: "
+        "vitok run --force train_ae [--preset P | --config F] [key=value ...]"
+    )
+    # with the run's own preset and overrides (what the Prefect artifacts show), the command is complete
+    command = stages.rerun_command("cache_latents", "350m", ["ingest.source=/a b"])
+    assert shlex.split(command) == ["vitok", "run", "--preset", "350m", "--force", "cache_latents", "train_flow",
+                                    "ingest.source=/a b"]  # fmt: skip
+    assert stages.rerun_command("evaluate", "my.yaml", []) == "vitok run --config my.yaml --force evaluate"
 
 
 def test_entrypoints_are_the_job_modules():

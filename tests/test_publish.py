@@ -13,7 +13,9 @@ import pytest
 from jobs.train_common import PROGRESS, Progress
 from pipelines import progress
 from pipelines.publish import console_url, headline_rows, summary_markdown
+from pipelines.stages import code_state, rerun_command
 from vitok_core.artifacts import join, write_json
+from vitok_core.fingerprint import manifest_fields
 
 INGEST = {"counts": {"read": 20, "accepted": 16, "rejected": 4, "rejected_by_reason": {"corrupt": 1, "too_small": 3}}}
 TRAIN = {"status": "complete", "step": 6, "final": {"loss": 0.123456, "tokens_per_s": 1234.5}, "wall_s_this_run": 42.0,
@@ -44,6 +46,27 @@ def test_console_links_only_where_a_browser_can_open_them(monkeypatch):
     text = summary_markdown("train_ae", TRAIN, "s3://b/runs/train_ae/K", [], skipped=True)
     assert text.startswith("## train_ae: skipped\n") and "- **export**: `s3://b/runs/train_ae/K/export`" in text
     assert "](" not in text  # the paths as text, no link
+
+
+def test_the_code_state_is_in_the_table_and_the_note():
+    """current, STALE with the rerun command (the run's preset and overrides), or unknown for an older manifest."""
+    current = code_state("train_ae", {**TRAIN, **manifest_fields("train_ae")})
+    rows = {r["name"]: r["value"] for r in headline_rows("train_ae", TRAIN, "/runs/train_ae/K", current)}
+    assert rows["code"] == f"current ({current['recorded']})"
+    text = summary_markdown("train_ae", TRAIN, "/runs/train_ae/K", [], skipped=True, code=current)
+    assert f"- **code**: current ({current['recorded']})" in text and "Stale" not in text
+
+    stale = code_state("train_ae", {**TRAIN, "code_fingerprint": "0123456789abcdef"})
+    stale["rerun"] = rerun_command("train_ae", "tiny", ["train.steps=6"])
+    rows = {r["name"]: r["value"] for r in headline_rows("train_ae", TRAIN, "/runs/train_ae/K", stale)}
+    assert rows["code"].startswith("STALE: made by code 0123456789abcdef, this code is ")
+    text = summary_markdown("train_ae", TRAIN, "/runs/train_ae/K", [], skipped=True, code=stale)
+    assert "**Stale code**: made by code 0123456789abcdef" in text
+    assert "Rerun: `vitok run --preset tiny --force train_ae train.steps=6`" in text
+
+    unknown = code_state("ingest", INGEST)
+    assert headline_rows("ingest", INGEST, "/runs/ingest/K", unknown)[-1] == {
+        "name": "code", "value": "unknown (the manifest predates code fingerprints)"}  # fmt: skip
 
 
 def test_watch_logs_each_new_step_and_the_last_one(tmp_path):
