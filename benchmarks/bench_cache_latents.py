@@ -79,7 +79,7 @@ def main() -> None:
         f"model.variant={args.variant}",
     ]
     cfg = load_config("tiny", overrides)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     ingest = run_ingest(cfg)
     out = IngestOutput(ingest["output"])
     _, files = out.data_files()

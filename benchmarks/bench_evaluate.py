@@ -148,7 +148,7 @@ def main() -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"  bare: {images / bare_s:.2f} img/s ({bare_s:.1f} s, models load {setup:.1f} s)", flush=True)
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     start = time.perf_counter()
     manifest = run_evaluate(cfg)
     job_s = time.perf_counter() - start

@@ -543,7 +543,7 @@ def start_ray() -> dict[str, Any]:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
     import ray.data  # configures its loggers on import
 
     # Console only (the file log under /tmp/ray stays as it is): Ray Data prints INFO lines per dataset run.

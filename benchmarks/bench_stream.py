@@ -482,7 +482,7 @@ def main() -> None:
     import ray
 
     starts["ray_init"] = sampler.phase("ray_init")
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
     starts["ingest"] = sampler.phase("ingest", ("staging", staging_tasks, shard_sizes))
     manifest = run_ingest(cfg)
     starts["shutdown"] = sampler.phase("shutdown")

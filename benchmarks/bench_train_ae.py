@@ -189,7 +189,7 @@ def main() -> None:
     cfg = load_config("tiny", overrides(args, source, runs))
     import ray
 
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
     ingest = run_ingest(cfg)
     print(f"data: {ingest['counts']['accepted']} images at {ingest['output']}")
     print(f"model {cfg.model.variant}, budget {args.budget} tokens, global batch {args.batch}, {args.steps} steps")

@@ -54,7 +54,11 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init()  # passing resources when joining a cluster is an error
         return
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+    # address="local": a new local Ray even when `ray start` (or a test cluster) left its address in
+    # /tmp/ray/ray_current_cluster, which a bare ray.init() would join.
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env} if env else None
+    )
 
 
 def map_with_actors(

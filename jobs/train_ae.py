@@ -42,11 +42,13 @@ from jobs.train_common import (
     Progress,
     StepStats,
     checkpoint_name,
+    fault_fires,
     fit,
     full_fp32_state,
     import_deepspeed,
     inject_fault,
     load_checkpoint,
+    record_start,
     save_checkpoint,
     write_metrics,
 )
@@ -95,7 +97,7 @@ def train_settings(cfg: VitokConfig, ingest_key: str) -> dict[str, Any]:
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in _NOT_IN_KEY}
     # A recovered crash leaves the weights as an uninterrupted run has them (tested), so fail_at_step is not
     # part of the key; non-finite steps change the weights, so nan_at_steps is.
-    train["faults"] = {"nan_at_steps": train["faults"]["nan_at_steps"]}
+    train["faults"] = {"nan_at_steps": train["faults"]["nan_at_steps"]}  # kill_in_checkpoint_at_step likewise
     if train["faults"]["nan_at_steps"]:
         # After max_bad_steps non-finite steps in a row the last checkpoint is restored, so where the injected
         # NaNs land relative to the checkpoints decides the weights. (A real NaN stretch cannot be known in
@@ -287,6 +289,8 @@ def train_loop(config: dict[str, Any]) -> None:
         state = load_checkpoint(engine, checkpoint, rank)
         if rank == 0:
             log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+    if rank == 0:
+        record_start(out, state["step"], checkpoint.path if checkpoint is not None else None)
     last_checkpoint = checkpoint
     budgets = _Budgets(cfg, ingest, rank, world, state["position"])
     boundaries = budget_boundaries(total, cfg.data.budget_switch)
@@ -390,7 +394,10 @@ def train_loop(config: dict[str, Any]) -> None:
         if state["step"] % cfg.train.checkpoint_every == 0 or done:
             if rank == 0:
                 write_metrics(out, lines, state["step"])
-            save_checkpoint(engine, state, metrics, rank, {"config.yaml": OmegaConf.to_yaml(cfg)})
+            kill_at = cfg.train.faults.kill_in_checkpoint_at_step
+            kill = fault_fires(kill_at, "kill_in_checkpoint", out, state["step"], rank, world)
+            files = {"config.yaml": OmegaConf.to_yaml(cfg)}
+            save_checkpoint(engine, state, metrics, rank, files, kill_mid_upload=kill)
             last_checkpoint = ray.train.Checkpoint(join(out, checkpoint_name(state["step"])))
     budgets.close()
     if state["step"] == total:

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -155,12 +156,24 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
 
 
-def save_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, files: dict[str, str] | None = None) -> None:
+def save_checkpoint(
+    engine: Any,
+    state: dict,
+    metrics: dict,
+    rank: int,
+    files: dict[str, str] | None = None,
+    kill_mid_upload: bool = False,
+) -> None:
     """Every rank: DeepSpeed shards + its own state (+ rank 0's text `files`), reported to Ray Train.
 
     The training loops report to Ray Train only here, at checkpoints: Ray Train keeps one pending report
     per worker and its controller takes it every 2 s, so a report per logged step stalls short steps
-    (logged lines go to the log and, at the next checkpoint, to metrics/*.jsonl)."""
+    (logged lines go to the log and, at the next checkpoint, to metrics/*.jsonl).
+
+    A checkpoint exists for a rerun only once every rank's report has reached Ray Train's controller, which
+    records it in the run directory; a directory cut short by a dying rank is never handed to a restart.
+    `kill_mid_upload` (fault drills) makes this rank copy half its files into the run directory and
+    SIGKILL itself: such a cut-short checkpoint."""
     import ray.train
 
     step = state["step"]
@@ -172,8 +185,32 @@ def save_checkpoint(engine: Any, state: dict, metrics: dict, rank: int, files: d
             with open(os.path.join(directory, name), "w") as f:
                 f.write(text)
     checkpoint = ray.train.Checkpoint.from_directory(directory)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
+    upload = _killed_halfway if kill_mid_upload else None
+    name = checkpoint_name(step)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_fn=upload)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def _killed_halfway(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """A checkpoint upload that copies half of this rank's files into the run directory, then SIGKILLs the
+    process (Ray Train calls it after every rank has agreed on the directory name)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    target = f"{storage.experiment_fs_path}/{checkpoint_dir_name}"
+    names = sorted(
+        os.path.relpath(os.path.join(parent, name), checkpoint.path)
+        for parent, _, found in os.walk(checkpoint.path)
+        for name in found
+    )
+    for name in names[: max(1, len(names) // 2)]:
+        storage.storage_filesystem.create_dir(os.path.dirname(f"{target}/{name}"))
+        with (
+            open(os.path.join(checkpoint.path, name), "rb") as src,
+            storage.storage_filesystem.open_output_stream(f"{target}/{name}") as dst,
+        ):
+            dst.write(src.read())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> dict:
@@ -183,6 +220,29 @@ def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> dict:
         state = torch.load(_rank_state_path(directory, rank), weights_only=True)  # no pickle runs on load
     set_rng_state(state.pop("rng"))
     return state
+
+
+STARTS = "starts"
+
+
+def record_start(out: str, step: int, checkpoint: str | None) -> None:
+    """Rank 0, each time a worker group starts: the first start, a rerun, or Ray Train's restart after a lost
+    worker or node. One small JSON file each ({"step", "checkpoint" (None: from scratch), "time"}), so the
+    run's manifest can say what was redone and when."""
+    record = {"step": step, "checkpoint": checkpoint, "time": time.time()}
+    write_json(join(out, STARTS, f"{time.time_ns()}.json"), record)
+
+
+def read_starts(out: str) -> list[dict]:
+    """Every worker-group start of a run, oldest first."""
+    fs, path = fsspec.core.url_to_fs(join(out, STARTS))
+    if not fs.exists(path):
+        return []
+    found = []
+    for name in sorted(fs.ls(path, detail=False)):
+        with fs.open(name, "r") as f:
+            found.append(json.load(f))
+    return found
 
 
 def write_metrics(out: str, lines: list[dict], step: int) -> None:
@@ -231,17 +291,24 @@ class Progress:
         })  # fmt: skip
 
 
-def inject_fault(fail_at_step: int, key: str, out: str, step: int, rank: int, world: int) -> None:
-    """`fail_at_step`: one rank (1, or 0 alone) raises once when that many steps are done, as a crashed
-    worker would. A marker in the run directory makes it fire only once."""
-    if step != fail_at_step or rank != min(1, world - 1):
-        return
-    fs, path = fsspec.core.url_to_fs(join(out, "faults", f"fail_at_step-{step}"))
+def fault_fires(fault_step: int, name: str, out: str, step: int, rank: int, world: int) -> bool:
+    """True once, on one rank (1, or 0 alone), at `fault_step`: a marker in the run directory remembers that
+    the fault fired, so the restarted or rerun worker goes on."""
+    if step != fault_step or rank != min(1, world - 1):
+        return False
+    fs, path = fsspec.core.url_to_fs(join(out, "faults", f"{name}-{step}"))
     if fs.exists(path):
-        return
+        return False
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     fs.touch(path)
-    raise RuntimeError(f"injected fault before step {step} on rank {rank} ({key})")
+    return True
+
+
+def inject_fault(fail_at_step: int, key: str, out: str, step: int, rank: int, world: int) -> None:
+    """`fail_at_step`: one rank (1, or 0 alone) raises once when that many steps are done, as a crashed
+    worker would."""
+    if fault_fires(fail_at_step, "fail_at_step", out, step, rank, world):
+        raise RuntimeError(f"injected fault before step {step} on rank {rank} ({key})")
 
 
 def fit(
@@ -291,6 +358,7 @@ def finish(stage: str, out: str, total_steps: int, result: Any, inputs: dict[str
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "final": metrics[-1] if metrics else {},
         "export": join(out, "export") if complete else None,
+        "starts": read_starts(out),
         **extra,
     }
     if complete:

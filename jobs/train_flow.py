@@ -35,11 +35,13 @@ from jobs.common import init_ray, parse_config, setup_logging
 from jobs.train_common import (
     Progress,
     StepStats,
+    fault_fires,
     fit,
     full_fp32_state,
     import_deepspeed,
     inject_fault,
     load_checkpoint,
+    record_start,
     save_checkpoint,
     write_metrics,
 )
@@ -70,6 +72,9 @@ _NOT_IN_KEY = (
     "stop_at_step",
     "cpus_per_worker",
     "sample",
+    # A recovered crash leaves the weights as an uninterrupted run has them (tested): drills share the key.
+    "fail_at_step",
+    "kill_in_checkpoint_at_step",
 )
 
 
@@ -208,6 +213,8 @@ def train_loop(config: dict[str, Any]) -> None:
         ema.load_state_dict(state.pop("ema"))
         if rank == 0:
             log.info("resumed from %s at step %d", checkpoint.path, state["step"])
+    if rank == 0:
+        record_start(out, state["step"], checkpoint.path if checkpoint is not None else None)
     filesystem, files = cache_files(cache)
     index = ShardIndex.from_files(filesystem, files, "bucket", 0, rank, world)
     loader = LatentLoader(
@@ -277,7 +284,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 write_metrics(out, lines, state["step"])
             files = {"config.yaml": OmegaConf.to_yaml(cfg)}
-            save_checkpoint(engine, {**state, "ema": ema.state_dict()}, metrics, rank, files)
+            kill = fault_fires(f.kill_in_checkpoint_at_step, "kill_in_checkpoint", out, state["step"], rank, world)
+            save_checkpoint(engine, {**state, "ema": ema.state_dict()}, metrics, rank, files, kill_mid_upload=kill)
     batches.close()
     if state["step"] == f.steps:
         _export(engine, ema, out, cfg, stats, f.steps, rank)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray and one real S3 endpoint (moto's server on 127.0.0.1) per session.
+"""Shared fixtures: one real local Ray, one real S3 endpoint (moto's server on 127.0.0.1) and one Prefect
+test harness per session.
 
 Ray binds loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set before Ray is imported). The S3
 variables are set before Ray starts so that its workers inherit them, as they would from a cluster's
@@ -54,6 +55,17 @@ def ray_local(s3_endpoint):
     """A real local Ray (2 CPUs), started after the S3 environment exists so workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: a temporary API server for the session (~18 s to start), shared by the modules
+    that run flows (tests/test_pipelines.py, tests/test_faults_stages.py)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

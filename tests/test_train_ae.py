@@ -16,6 +16,8 @@ from jobs.train_ae import deepspeed_config, output_uri, train_settings
 from jobs.train_ae import run as run_train
 from jobs.train_common import import_deepspeed, read_metrics
 from tests.ingest_samples import make_training_folder
+from tests.ray_cluster import LocalCluster
+from tests.training_faults import assert_recovered, run_drill
 from vitok_core.artifacts import is_complete, join
 from vitok_core.checkpoint import load_published
 from vitok_core.config import ConfigError, load_config
@@ -27,27 +29,29 @@ STEPS = 12
 
 
 def config(photos, root, *overrides):
-    return load_config(
-        "tiny",
-        [
-            f"ingest.source={photos}",
-            f"ingest.root={root}/ingest-root",
-            "ingest.files_per_task=16",
-            f"train.root={root}",
-            f"train.steps={STEPS}",
-            "train.batch_size=8",
-            "train.micro_batch_size=2",  # 2 workers x 2 images x 2 accumulation steps
-            "train.workers=2",
-            "train.checkpoint_every=3",
-            "train.log_every=1",
-            "train.loader_workers=0",
-            "train.shuffle_window=2",
-            "data.budget_switch=[0.75]",  # 64 tokens for steps 1-9, 256 for 10-12
-            "optim.warmup_steps=2",
-            "optim.lr=3e-3",
-            *overrides,
-        ],
-    )
+    return load_config("tiny", overrides_for(photos, root, *overrides))
+
+
+def overrides_for(photos, root, *overrides) -> list[str]:
+    """The test runs' settings as `key=value` overrides of the tiny preset (what a job's command line takes)."""
+    return [
+        f"ingest.source={photos}",
+        f"ingest.root={root}/ingest-root",
+        "ingest.files_per_task=16",
+        f"train.root={root}",
+        f"train.steps={STEPS}",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",  # 2 workers x 2 images x 2 accumulation steps
+        "train.workers=2",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
+        "train.loader_workers=0",
+        "train.shuffle_window=2",
+        "data.budget_switch=[0.75]",  # 64 tokens for steps 1-9, 256 for 10-12
+        "optim.warmup_steps=2",
+        "optim.lr=3e-3",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +195,61 @@ def test_import_deepspeed_skips_compiling_muon_and_restores_torch_compile():
     deepspeed = import_deepspeed()
     assert torch.compile is compile_ and deepspeed.initialize
     assert "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules
+
+
+# ------------------------------------------------------------------------------------------------
+# Real faults on a multi-node cluster: a SIGKILLed worker, a lost node, a rank killed mid-checkpoint
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (no CPUs) and three 1-CPU worker nodes: after one node is lost, two are left for the two
+    training workers."""
+    started = LocalCluster.start(workers=3)
+    yield started
+    started.shutdown()
+
+
+@pytest.fixture(scope="module")
+def drill(reference, cluster, photos, tmp_path_factory):
+    _, manifest = reference
+    root = tmp_path_factory.mktemp("train_faults")
+    extra = [f"train.ingest={manifest['ingest']}", "train.max_failures=3", "train.faults.kill_in_checkpoint_at_step=12"]
+    overrides = overrides_for(photos, root, *extra)
+    out = output_uri(load_config("tiny", overrides), IngestOutput(manifest["ingest"]))
+    # the worker dies past the checkpoint of step 3, the node past that of step 6, a rank in the last checkpoint
+    return run_drill(
+        cluster, "jobs.train_ae", overrides, out, root / "driver.log", kill_worker_past=3, kill_node_past=6
+    )
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_restarts_from_the_last_complete_checkpoint(drill):
+    assert drill.returncode == 0, drill.log[-3000:]
+    print(assert_recovered(drill, "worker SIGKILL"))
+
+
+@pytest.mark.slow
+def test_lost_node_restarts_on_the_nodes_left(drill):
+    assert drill.returncode == 0, drill.log[-3000:]
+    print(assert_recovered(drill, "node lost"))
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_checkpoint_never_loads_the_partial_checkpoint(drill):
+    assert drill.returncode == 0, drill.log[-3000:]
+    recovery = assert_recovered(drill, "rank SIGKILL")  # restarted from before step 12: the cut-short one
+    assert recovery["at_step"] == 12
+    print(recovery)
+
+
+@pytest.mark.slow
+def test_faulted_run_equals_the_uninterrupted_one(reference, drill):
+    _, manifest = reference
+    assert is_complete(drill.output)
+    got, want = read_metrics(drill.output), read_metrics(manifest["output"])
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))  # no step missing or logged twice
+    for a, b in zip(got, want, strict=True):  # the data order continues exactly, weights and RNG restored
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["budget"] == b["budget"] and a["tokens"] == b["tokens"]
+    lost = drill.wall_s
+    print(f"train_ae drill: {lost:.0f} s in all; faults {drill.faults}; starts {drill.starts}")

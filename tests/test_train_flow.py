@@ -16,8 +16,11 @@ from jobs.ingest import run as run_ingest
 from jobs.sample import generate_in_task
 from jobs.sample import run as run_sample
 from jobs.train_common import read_metrics
+from jobs.train_flow import output_uri
 from jobs.train_flow import run as run_flow
 from tests.ingest_samples import make_training_folder
+from tests.ray_cluster import LocalCluster
+from tests.training_faults import assert_recovered, run_drill
 from vitok_core.artifacts import is_complete, join
 from vitok_core.checkpoint import save_published
 from vitok_core.config import load_config, to_dict
@@ -47,30 +50,32 @@ def cache(ray_local, tmp_path_factory):
 
 
 def config(cache, root, *overrides):
-    return load_config(
-        "tiny",
-        [
-            f"flow.cache={cache[1]['output']}",
-            f"flow.root={root}",
-            "flow.size=tiny",
-            f"flow.steps={STEPS}",
-            "flow.batch_size=8",
-            "flow.micro_batch_size=2",  # 2 workers x 2 x 2 accumulation
-            "flow.workers=2",
-            "flow.lr=3e-3",
-            "flow.warmup_steps=2",
-            "flow.ema_decay=0.9",
-            "flow.checkpoint_every=4",
-            "flow.log_every=1",
-            "flow.shuffle_window=2",
-            "flow.sample.per_class=2",
-            "flow.sample.rows=6",
-            "flow.sample.cols=9",
-            "flow.sample.steps=4",
-            "flow.sample.batch_size=3",
-            *overrides,
-        ],
-    )
+    return load_config("tiny", overrides_for(cache, root, *overrides))
+
+
+def overrides_for(cache, root, *overrides) -> list[str]:
+    """The test runs' settings as `key=value` overrides of the tiny preset (what a job's command line takes)."""
+    return [
+        f"flow.cache={cache[1]['output']}",
+        f"flow.root={root}",
+        "flow.size=tiny",
+        f"flow.steps={STEPS}",
+        "flow.batch_size=8",
+        "flow.micro_batch_size=2",  # 2 workers x 2 x 2 accumulation
+        "flow.workers=2",
+        "flow.lr=3e-3",
+        "flow.warmup_steps=2",
+        "flow.ema_decay=0.9",
+        "flow.checkpoint_every=4",
+        "flow.log_every=1",
+        "flow.shuffle_window=2",
+        "flow.sample.per_class=2",
+        "flow.sample.rows=6",
+        "flow.sample.cols=9",
+        "flow.sample.steps=4",
+        "flow.sample.batch_size=3",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +157,58 @@ def test_bf16_flow_keeps_an_fp32_ema_that_moves_and_exports_the_fp32_masters(cac
     want = [m["loss"] for m in read_metrics(trained["output"])]
     assert len(got) == len(want) == STEPS
     assert max(abs(a - b) / b for a, b in zip(got, want, strict=True)) < 0.05, (got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real faults on a multi-node cluster: a SIGKILLed worker, a lost node, a rank killed mid-checkpoint
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (no CPUs) and three 1-CPU worker nodes: after one node is lost, two are left for the two
+    training workers."""
+    started = LocalCluster.start(workers=3)
+    yield started
+    started.shutdown()
+
+
+@pytest.fixture(scope="module")
+def drill(cache, trained, cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow_faults")
+    overrides = overrides_for(cache, root, "flow.max_failures=3", "flow.kill_in_checkpoint_at_step=16")
+    out = output_uri(load_config("tiny", overrides), cache[1]["key"])
+    # the worker dies past the checkpoint of step 4, the node past that of step 8, a rank in the last checkpoint
+    log = root / "driver.log"
+    return run_drill(cluster, "jobs.train_flow", overrides, out, log, kill_worker_past=4, kill_node_past=8)
+
+
+def test_sigkilled_worker_restarts_from_the_last_complete_checkpoint(drill):
+    assert drill.returncode == 0, drill.log[-3000:]
+    print(assert_recovered(drill, "worker SIGKILL"))
+
+
+def test_lost_node_restarts_on_the_nodes_left(drill):
+    assert drill.returncode == 0, drill.log[-3000:]
+    print(assert_recovered(drill, "node lost"))
+
+
+def test_rank_killed_mid_checkpoint_never_loads_the_partial_checkpoint(drill):
+    assert drill.returncode == 0, drill.log[-3000:]
+    recovery = assert_recovered(drill, "rank SIGKILL")  # restarted from before step 16: the cut-short one
+    assert recovery["at_step"] == 16
+    print(recovery)
+
+
+def test_faulted_run_equals_the_uninterrupted_one(trained, drill):
+    assert is_complete(drill.output)
+    got, want = read_metrics(drill.output), read_metrics(trained["output"])
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))  # no step missing or logged twice
+    for a, b in zip(got, want, strict=True):  # data position, weights, optimizer, EMA and RNG restored
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    for name in ("dit", "dit_ema"):  # and so the exports, bit for bit
+        with fsspec.open(join(drill.output, "export", f"{name}.safetensors"), "rb") as f:
+            faulted = load_bytes(f.read())
+        with fsspec.open(join(trained["export"], f"{name}.safetensors"), "rb") as f:
+            uninterrupted = load_bytes(f.read())
+        assert faulted.keys() == uninterrupted.keys()
+        assert all(torch.equal(v, uninterrupted[k]) for k, v in faulted.items())
+    print(f"train_flow drill: {drill.wall_s:.0f} s in all; faults {drill.faults}; starts {drill.starts}")

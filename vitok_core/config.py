@@ -83,6 +83,8 @@ class FaultConfig:
 
     fail_at_step: int = -1  # rank 1 (or 0 alone) raises once when this many steps are done
     nan_at_steps: list[int] = field(default_factory=list)  # step indices (0-based) whose loss is made NaN
+    # rank 1 (or 0 alone) SIGKILLs itself once, halfway through uploading the checkpoint of this step
+    kill_in_checkpoint_at_step: int = -1
 
 
 @dataclass
@@ -204,6 +206,8 @@ class FlowConfig:
     max_failures: int = 3
     stop_at_step: int = 0  # pause after this step (checkpointed); rerun to continue
     fail_at_step: int = -1  # fault injection: rank 1 raises once when this many steps are done
+    # fault injection: rank 1 (or 0 alone) SIGKILLs itself once, halfway through uploading this step's checkpoint
+    kill_in_checkpoint_at_step: int = -1
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
