@@ -24,6 +24,7 @@ from vitok_core.config import VitokConfig
 EXCLUDES = [".venv", ".data", "runs", ".git", "benchmarks/results", "**/__pycache__"]
 _ACTIVE = ("PENDING", "RUNNING")
 AGENT_WAIT_S = 120.0  # how long a submission waits for a starting cluster's job agent
+MAX_NODES = 10_000  # nodes asked of the state API, dead ones included: the most its server returns
 
 
 class JobFailed(RuntimeError):
@@ -72,7 +73,9 @@ def cluster_is_here(address: str) -> tuple[bool, list[str]]:
 
     connect(address)  # nothing answers: the ConnectionError naming the setting
     try:
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")])
+        # Every node the GCS remembers, filtered here: with a server-side state filter, Ray 2.60 counts the
+        # nodes left out (dead ones) as truncated output and raises, so a cluster that ever lost a node failed.
+        nodes = [n for n in list_nodes(address=address, limit=MAX_NODES) if n.state == "ALIVE"]
     except Exception as err:  # the state API can fail where the Jobs API works (auth, an old dashboard)
         first = (str(err).splitlines() or [""])[0]
         raise ConnectionError(

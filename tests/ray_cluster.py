@@ -127,7 +127,7 @@ def _agent_ports() -> dict[str, int]:
 
 def _keep(workers: int, cpus: int) -> None:
     import ray
-    from ray._private.utils import get_ray_address_file
+    from ray._private.utils import get_ray_address_file, write_ray_address
     from ray.cluster_utils import Cluster
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # socket paths must stay under 107 bytes
@@ -153,6 +153,10 @@ def _keep(workers: int, cpus: int) -> None:
 
     ids = {"head": cluster.head_node.node_id, **{f"worker{i}": add(f"worker{i}", cpus) for i in range(workers)}}
     cluster.wait_for_nodes()
+    # What `ray start --head` leaves in its temp dir: where the Jobs API's supervisor on the head looks up the
+    # address it gives a job's driver; without it, the supervisor takes any GCS running on the machine (another
+    # test's Ray, with token auth, was seen).
+    write_ray_address(cluster.address, temp)
     print(json.dumps({"address": cluster.address, "dashboard": f"http://127.0.0.1:{dashboard}", "nodes": ids}))
     sys.stdout.flush()
     for line in sys.stdin:
