@@ -180,6 +180,19 @@ def _write_atomically(uri: str, table: pa.Table) -> None:
     fs.mv(tmp, path)
 
 
+def remove_temporary_files(data: str) -> list[str]:
+    """Delete what writers that died mid-write left in data/ (an actor on a lost node, a killed run): their
+    `.tmp-` files, which a reader of the directory (pyarrow, Ray Data) would take for corrupt Parquet files.
+    Called after every task has returned, when no writer of this run is left."""
+    fs, path = fsspec.core.url_to_fs(data)
+    stale = [p for p in fs.ls(path, detail=False) if ".parquet.tmp-" in os.path.basename(p)] if fs.exists(path) else []
+    for p in stale:
+        fs.rm(p)
+    if stale:
+        log.info("removed %d temporary files of interrupted writers from %s", len(stale), data)
+    return stale
+
+
 # ------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------
@@ -243,6 +256,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     for row in rows:
         summary = json.loads(row["summary"])
         summaries[summary["index"]] = summary
+    remove_temporary_files(join(out, "data"))
     import ray
 
     stats = ChannelStats(int(next(iter(summaries.values()))["stats"]["channels"]))
