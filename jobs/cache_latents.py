@@ -12,6 +12,8 @@ hash + the ingest key + code version):
                               channels] bf16/fp16 bytes in raster order); file N encodes ingest file N
     stats.json                per-channel mean / std over every cached token (exact, float64), the
                               sorted class labels, counts
+    index.parquet             the row-group index (vitok_core/row_index.py, column `bucket`): train_flow's
+                              loader plans from it without opening a data file
     manifest.json, _SUCCESS   written last
 
 How it runs: the ingest's data files are the tasks. A pool of encoder actors (Ray Data map_batches with
@@ -47,6 +49,7 @@ from vitok_core.images import decode_image, to_tensor
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.latents import ChannelStats, from_bytes, to_bytes
 from vitok_core.naflex import collate, preprocess, to_device
+from vitok_core.row_index import IndexBuilder, file_runs, group_sizes, resolve, runs_from_footer, write_index
 
 log = logging.getLogger("vitok.cache_latents")
 
@@ -166,6 +169,8 @@ class EncodeFiles:
         labels = sorted({r["label"] for r in records})
         _write_atomically(part_file(self.out, index), pa.Table.from_pylist(records, schema=SCHEMA))
         summary = {"index": index, "rows": len(records), "stats": stats.to_json(), "labels": labels}
+        sizes = group_sizes(len(records), ROWS_PER_GROUP)
+        summary["runs"] = file_runs({"bucket": [r["bucket"] for r in records]}, sizes)  # for index.parquet
         with fsspec.open(stats_file(self.out, index), "w") as f:  # the task's completion marker
             json.dump(summary, f)
         return {"summary": [json.dumps(summary)]}
@@ -209,6 +214,18 @@ def done_files(out: str) -> dict[int, dict[str, Any]]:
     return done
 
 
+def cache_index(out: str, summaries: dict[int, dict[str, Any]]) -> pa.Table:
+    """The cache's row-group index, from the runs each task returned with its summary (a file written by a
+    version of this stage that returned none is read from its footer instead)."""
+    index = IndexBuilder(["bucket"])
+    filesystem, root = resolve(out, None)
+    for i in sorted(summaries):
+        name = f"data/part-{i:05d}.parquet"
+        runs = summaries[i].get("runs") or runs_from_footer(filesystem, f"{root}/{name}", ["bucket"])
+        index.add(name, runs)
+    return index.table()
+
+
 def plan(cfg: VitokConfig) -> tuple[IngestOutput, str, dict[str, Any], str]:
     """(ingest output, encoder directory, settings, output URI); reads only the inputs' markers and weights."""
     ingest = IngestOutput(cfg.cache.ingest or _ingest_uri(cfg))
@@ -228,8 +245,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         log.info("cache_latents %s is complete; skipped", out)
         return read_json(join(out, "manifest.json"))
     start = time.time()
-    _, files = ingest.data_files()
-    uris = [_uri_of(ingest.uri, path) for path in files]
+    uris = ingest.data_uris()  # from the ingest output's index: no listing, no footers
     done = done_files(out)
     todo = [{"index": i, "path": uri} for i, uri in enumerate(uris) if i not in done]
     log.info("cache_latents %s: %d ingest files (%d already done), encoder %s", out, len(uris), len(done), encoder)
@@ -278,6 +294,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         "definition": "population mean/std per channel over every stored (rounded) latent token, float64",
     }
     write_json(join(out, "stats.json"), stats_json)
+    write_index(out, cache_index(out, summaries))
     manifest = {
         "stage": "cache_latents",
         "key": out.rstrip("/").rsplit("/", 1)[-1],
@@ -303,11 +320,6 @@ def _ingest_uri(cfg: VitokConfig) -> str:
     from jobs.ingest import output_uri as ingest_output_uri
 
     return ingest_output_uri(cfg)
-
-
-def _uri_of(ingest_uri: str, path: str) -> str:
-    """A data file's URI for fsspec, from Arrow's path on the ingest output's filesystem (same scheme)."""
-    return f"{ingest_uri.split('://', 1)[0]}://{path}" if "://" in ingest_uri else path
 
 
 def main(argv: list[str] | None = None) -> None:

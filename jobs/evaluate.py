@@ -65,6 +65,7 @@ from vitok_core.fingerprint import manifest_fields
 from vitok_core.images import decode_image, to_tensor, to_uint8
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.model import build_autoencoder, parse_variant
+from vitok_core.row_index import row_groups
 
 log = logging.getLogger("vitok.evaluate")
 
@@ -137,20 +138,19 @@ def list_images(cfg: VitokConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     tasks: list[dict[str, Any]] = []
     if fs.exists(join(root, "manifest.json")):
         ingest = IngestOutput(data)
-        arrow_fs, files = ingest.data_files()
         seen = 0
-        for path in files:
-            with arrow_fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
-            for group in range(meta.num_row_groups):
-                rows = meta.row_group(group).num_rows
-                for start in range(0, rows, per):
-                    count = min(per, rows - start, (limit - seen) if limit else per)
-                    if count <= 0:
-                        break
-                    tasks.append({"kind": "ingest", "uri": _with_protocol(data, path), "group": group, "start": start})
-                    tasks[-1].update(count=count, first=seen)
-                    seen += count
+        # The row groups in file order from the ingest output's index (no data file opened), only as far
+        # as evaluate.max_images reaches.
+        for file, group, rows in row_groups(ingest.iter_index(["file", "row_group", "rows"])):
+            if limit and seen >= limit:
+                break
+            for start in range(0, rows, per):
+                count = min(per, rows - start, (limit - seen) if limit else per)
+                if count <= 0:
+                    break
+                tasks.append({"kind": "ingest", "uri": join(absolute(data), file), "group": group, "start": start})
+                tasks[-1].update(count=count, first=seen)
+                seen += count
         described = {"uri": data, "kind": "ingest", "identity": ingest.manifest["key"]}
     else:
         wanted = {f".{x.lower().lstrip('.')}" for x in cfg.ingest.extensions}

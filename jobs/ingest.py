@@ -7,6 +7,8 @@
 Output under {root}/ingest/{key}/ (key = hash of the ingest settings, budgets, patch size, code version):
     data/bucket=RxC/*.parquet   accepted images, Hive-partitioned by their grid at the first budget
     rejects/*.parquet           source, reason, detail for every rejected image (no bytes)
+    index.parquet               the row-group index: file, row group, rows and buckets at every budget
+                                (vitok_core/row_index.py); readers plan from it, never from data footers
     manifest.json               counts (read, accepted, rejected by reason, per bucket), timings, settings
     _SUCCESS                    written last; a reader trusts nothing without it
 
@@ -22,9 +24,10 @@ How it runs, and why it survives a crash:
      the id/source columns of that bucket's row groups. The copy with the smallest source URI is kept, so
      the choice is deterministic; the others are written to rejects/ as `duplicate`.
   4. publish: one Ray task per output file copies a bucket's rows from a run of consecutive task files
-     (at most `rows_per_file` rows) to data/bucket=RxC/, leaving out the duplicates; rejects go to
-     rejects/. Then manifest.json, then _SUCCESS, then the staging area is deleted. A crash in steps 3-4
-     leaves no _SUCCESS; the rerun deletes data/ and rejects/ and redoes only those steps.
+     (at most `rows_per_file` rows) to data/bucket=RxC/, leaving out the duplicates, its rows sorted by
+     their buckets at the later budgets (then id), and returns the file's runs for the index; rejects go
+     to rejects/. Then index.parquet, manifest.json, _SUCCESS, and the staging area is deleted. A crash in
+     steps 3-4 leaves no _SUCCESS; the rerun deletes data/, rejects/ and the index and redoes those steps.
 Every step is a plain copy of bytes already encoded: no shuffle of image bytes through the object store.
 The driver holds one small summary (counts) per task and the plans; never image records or ids.
 """
@@ -56,12 +59,14 @@ from vitok_core.artifacts import absolute, is_complete, join, mark_success, read
 from vitok_core.config import VitokConfig, to_dict
 from vitok_core.fingerprint import manifest_fields
 from vitok_core.ingest import IngestRules, Outcome, process_image
+from vitok_core.row_index import INDEX, IndexBuilder, count_row_groups, file_runs, group_sizes, write_index
 from vitok_core.variants import parse_variant
 
 log = logging.getLogger("vitok.ingest")
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif"}  # members of tar shards that are images
-CODE_VERSION = "ingest-2"  # bump when a change alters what ingest writes
+# bump when a change alters what ingest writes. 3: index.parquet; a file's rows sorted by the later budgets' buckets
+CODE_VERSION = "ingest-3"
 ROWS_PER_GROUP = 256  # ~25 MB of 0.4 MP JPEGs: the unit a streaming loader reads at a time
 
 
@@ -455,7 +460,7 @@ def publish_part(row: dict[str, Any], staging: str, out: str, budgets: list[int]
         tables = [read_bucket(task_file(staging, t), "", REJECT_COLUMNS) for t in job["tasks"]]
         table = pa.concat_tables(tables)
         _write(join(out, "rejects", f"part-{job['part']:05d}.parquet"), table, rows_per_group=64 * ROWS_PER_GROUP)
-        return {"kind": "rejects", "rows": table.num_rows}
+        return {"kind": "rejects", "rows": table.num_rows, "index": ""}
     dropped = set()
     for path in job["dups"]:
         with fsspec.open(path, "rb") as f:
@@ -464,11 +469,17 @@ def publish_part(row: dict[str, Any], staging: str, out: str, budgets: list[int]
     table = pa.concat_tables(tables)
     if dropped:
         table = table.filter(pc.invert(pc.is_in(table["source"], value_set=pa.array(sorted(dropped), pa.string()))))
+    if len(budgets) > 1:  # the rows of one bucket combination together: few index runs per row group
+        table = table.sort_by([*((f"bucket_{t}", "ascending") for t in budgets[1:]), ("id", "ascending")])
     rows_per_group = min(ROWS_PER_GROUP, rows_per_file)
+    index: dict[str, dict[str, list]] = {}
     for k, offset in enumerate(range(0, table.num_rows, rows_per_file)):
-        name = f"part-{job['part']:05d}-{k:03d}.parquet"
-        _write(join(out, "data", f"bucket={job['bucket']}", name), table.slice(offset, rows_per_file), rows_per_group)
-    return {"kind": "data", "rows": table.num_rows}
+        name = join("data", f"bucket={job['bucket']}", f"part-{job['part']:05d}-{k:03d}.parquet")
+        part = table.slice(offset, rows_per_file)
+        _write(join(out, name), part, rows_per_group)
+        buckets = {f"bucket_{t}": part[f"bucket_{t}"] for t in budgets}
+        index[name] = file_runs(buckets, group_sizes(part.num_rows, rows_per_group))
+    return {"kind": "data", "rows": table.num_rows, "index": json.dumps(index)}
 
 
 def count(summaries: dict[int, dict[str, Any]], duplicates: list[dict[str, Any]], budgets: list[int]) -> dict:
@@ -552,6 +563,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     # A crash after this point leaves no _SUCCESS; the rerun summarises the staging files and redoes the rest.
     remove(join(out, "data"))
     remove(join(out, "rejects"))
+    remove(join(out, INDEX))
     jobs = [{"job": json.dumps(j)} for j in dedup_plan(summaries, budgets)]
     kwargs = {"staging": staging, "out": out, "budgets": budgets}
     duplicates = [json.loads(r["result"]) for r in ray_map(dedup_shard, jobs, kwargs, "ingest: dedup")]
@@ -564,12 +576,19 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     rows_written = sum(r["rows"] for r in written if r["kind"] == "data")
     if rows_written != counts["accepted"]:  # never publish a set that disagrees with its own counts
         raise RuntimeError(f"ingest publish wrote {rows_written} rows, expected {counts['accepted']}")
+    index = IndexBuilder([f"bucket_{t}" for t in budgets])
+    for result in written:
+        for name, runs in json.loads(result["index"] or "{}").items():
+            index.add(name, runs)
+    index_table = index.table()
+    write_index(out, index_table)  # part of the output: before the manifest and _SUCCESS
     manifest = {
         "stage": "ingest",
         "key": out.rstrip("/").rsplit("/", 1)[-1],
         "output": out,
         "settings": settings,
         "counts": counts,
+        "index": {"file": INDEX, "row_groups": count_row_groups(index_table), "runs": index_table.num_rows},
         "timing_s": {
             "list": listed - start,
             "process": processed - listed,

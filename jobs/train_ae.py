@@ -64,6 +64,7 @@ from vitok_core.losses import ReconstructionLoss
 from vitok_core.model import build_autoencoder, count_parameters, parse_variant
 from vitok_core.naflex import to_device
 from vitok_core.optim import parameter_groups
+from vitok_core.row_index import require_index
 from vitok_core.schedules import budget_at_step, budget_boundaries, lr_at_step
 
 log = logging.getLogger("vitok.train_ae")
@@ -415,6 +416,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         log.info("train_ae %s is complete; skipped", out)
         return read_json(join(out, "manifest.json"))
     start = time.time()
+    require_index(ingest.uri)  # every rank's loader plans from it: an output from before it fails here, not there
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
     with fsspec.open(join(out, "config.yaml"), "w") as f:

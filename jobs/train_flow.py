@@ -25,7 +25,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save as save_bytes
@@ -54,6 +53,7 @@ from vitok_core.loader import LatentLoader, ShardIndex
 from vitok_core.model.dit import build_dit
 from vitok_core.naflex import to_device
 from vitok_core.optim import parameter_groups
+from vitok_core.row_index import require_index
 from vitok_core.schedules import lr_at_step
 
 log = logging.getLogger("vitok.train_flow")
@@ -122,13 +122,6 @@ def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
     return common.deepspeed_config(
         f.batch_size, f.micro_batch_size, f.workers, f.grad_clip, bf16, {"stage": f.zero_stage}
     )
-
-
-def cache_files(cache: str) -> tuple[pafs.FileSystem, list[str]]:
-    path = join(absolute(cache), "data")
-    filesystem, root = pafs.FileSystem.from_uri(path)
-    infos = filesystem.get_file_info(pafs.FileSelector(root))
-    return filesystem, sorted(i.path for i in infos if i.path.endswith(".parquet"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,8 +208,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.info("resumed from %s at step %d", checkpoint.path, state["step"])
     if rank == 0:
         record_start(out, state["step"], checkpoint.path if checkpoint is not None else None)
-    filesystem, files = cache_files(cache)
-    index = ShardIndex.from_files(filesystem, files, "bucket", 0, rank, world)
+    index = ShardIndex.from_index(cache, "bucket", 0, rank, world, stage="cache_latents")  # the cache's index.parquet
     loader = LatentLoader(
         index,
         micro,
@@ -302,6 +294,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     """Train (or resume, or skip when finished); returns the manifest (status 'paused' on stop_at_step)."""
     cache = cache_uri(cfg)
     opened = open_cache(cache)  # before any cluster work
+    require_index(cache, "cache_latents")  # the loader plans from it: a cache from before it needs `vitok index`
     cache_key = opened["manifest"]["key"]
     out = output_uri(cfg, cache_key)
     if is_complete(out):

@@ -6,6 +6,7 @@ the Prefect deployments, the state of a run root, and configs.
     vitok submit NAME --address http://HEAD:8265 [--preset P] [key=value ...]
     vitok serve
     vitok status [RUN_ROOT]
+    vitok index OUTPUT
     vitok config show [--preset P] [key=value ...]
 
 Every command checks what it can before any Ray or Prefect work (the config, the ingest source, the first
@@ -202,6 +203,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from vitok_core.row_index import index_output
+
+    info = index_output(args.output, threads=args.threads)
+    print(
+        f"wrote {info['index']}: {info['stage']} output, {info['files']} files, {info['row_groups']} row groups, "
+        f"{info['rows']} rows, {info['runs']} index rows ({info['seconds']:.1f} s)"
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vitok_core.config import describe, load_config
 
@@ -236,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="what is done under a run root, when, with what config")
     status.add_argument("root", nargs="?", default="runs")
     status.set_defaults(func=cmd_status)
+    index = sub.add_parser(
+        "index",
+        parents=[common],
+        help="write index.parquet (the row-group index readers plan from) for an ingest or cache_latents "
+        "output written before outputs had one, from its data files' footers",
+    )
+    index.add_argument("output", help="the output directory: runs/ingest/<key>, s3://bucket/runs/ingest/<key>, ...")
+    index.add_argument("--threads", type=int, default=16, help="data files read at a time (default 16)")
+    index.set_defaults(func=cmd_index)
     config = sub.add_parser("config", parents=[common], help="configs")
     config_sub = config.add_subparsers(dest="action", required=True)
     show = config_sub.add_parser("show", parents=[common], help="the resolved config, its hash and parameter counts")

@@ -16,6 +16,7 @@ import torch
 from jobs.cache_latents import run as run_cache
 from jobs.ingest import run as run_ingest
 from tests.ingest_samples import make_training_folder
+from tests.test_row_index import assert_index_matches_data
 from vitok_core.artifacts import is_complete, join, read_json
 from vitok_core.checkpoint import save_published
 from vitok_core.config import load_config
@@ -110,6 +111,9 @@ def test_cache_counts_latents_and_stats(setup, cached):
     np.testing.assert_allclose(stats["std"], everything.std(0), rtol=1e-12)
     assert stats["tokens"] == len(everything) and stats["classes"] == ["astronaut", "chelsea", "coffee", "rocket"]
 
+    # index.parquet: what train_flow's loader plans from, equal to the files' footers and bucket column.
+    assert_index_matches_data(cached["output"], ["bucket"])
+
     started = time.time()
     assert run_cache(config(setup, setup[0] / "cache")) == cached  # complete: skipped
     assert time.time() - started < 10
@@ -144,3 +148,4 @@ def test_crashed_run_reruns_without_duplicates(ray_local, setup, cached, tmp_pat
     assert sorted(map(key, rows)) == sorted(map(key, want))
     stats = read_json(join(rerun["output"], "stats.json"))
     assert stats["tokens"] == read_json(join(cached["output"], "stats.json"))["tokens"]
+    assert_index_matches_data(rerun["output"], ["bucket"])  # runs of the files done before the crash too

@@ -19,6 +19,7 @@ import pytest
 
 from jobs.ingest import output_uri, run
 from tests.ingest_samples import make_malformed, make_photo_folder, reference_resize
+from tests.test_row_index import assert_index_matches_data
 from vitok_core.artifacts import is_complete, join
 from vitok_core.config import load_config
 from vitok_core.images import decode_image
@@ -120,6 +121,7 @@ def test_s3_source_and_output(ray_local, s3_endpoint, photos):
     assert len(rows) == counts["accepted"] > 0
     assert all(r["source"].startswith(f"s3://{bucket}/raw/") for r in rows)
     assert all(decode_image(r["bytes"]).size == (r["width"], r["height"]) for r in rows)
+    assert_index_matches_data(manifest["output"], ["bucket_256", "bucket_1024"])  # written by publish, on S3
 
 
 def _tar_shard(path: Path, members: list[tuple[str, bytes]]) -> None:

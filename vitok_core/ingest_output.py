@@ -7,7 +7,8 @@
         ...
 
 Only a directory with `_SUCCESS` is opened. Rows are streamed batch by batch from Parquet; nothing
-reads a whole bucket into memory.
+reads a whole bucket into memory. `out.index()` is the row-group index (`index.parquet`,
+vitok_core/row_index.py): every row group's file, rows and buckets, without opening a data file.
 """
 
 from __future__ import annotations
@@ -54,9 +55,29 @@ class IngestOutput:
         return pads.dataset(path, filesystem=filesystem, format="parquet", partitioning=partitioning)
 
     def data_files(self) -> tuple[pafs.FileSystem, list[str]]:
-        """Arrow's filesystem and the sorted paths of every data file (all buckets)."""
+        """Arrow's filesystem and the sorted paths of every data file (all buckets), by listing data/ (the
+        planning readers use the index instead: `index`, `data_uris`)."""
         dataset = self._dataset()
         return dataset.filesystem, sorted(dataset.files)
+
+    def index(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The output's row-group index (vitok_core.row_index: file, row_group, start, rows, bucket_<T> for
+        every budget), or only `columns` of it: one file, no data file opened. MissingIndexError (naming the
+        fix) for an output written before outputs had one."""
+        from vitok_core.row_index import read_index
+
+        return read_index(self.uri, columns)
+
+    def iter_index(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        """The index in record batches, read one index row group at a time (for a reader that may stop early)."""
+        from vitok_core.row_index import iter_index
+
+        return iter_index(self.uri, columns)
+
+    def data_uris(self) -> list[str]:
+        """The URI of every data file, sorted (the order of `data_files`), from the index: no listing."""
+        files = self.index(["file"]).column("file").combine_chunks().dictionary_encode().dictionary.to_pylist()
+        return [join(absolute(self.uri), name) for name in files]
 
     def iter_batches(
         self, bucket: str, budget: int | None = None, columns: Sequence[str] | None = None, batch_size: int = 256

@@ -9,7 +9,9 @@ Why a torch DataLoader over the Parquet files and not Ray Data's `iter_torch_bat
 hold images of one bucket (dense, no padding), and a resumed run must continue at exactly the batch where
 the checkpoint was taken. Here the order of batches is a pure function of (seed, rank, budget, epoch) and
 of the bucket column alone, computed without reading any image, so a resume skips N batches in
-milliseconds; decode and augmentation run in DataLoader processes, in order.
+milliseconds; decode and augmentation run in DataLoader processes, in order. The bucket of every row comes
+from the output's row-group index (`index.parquet`, vitok_core/row_index.py), so building a rank's index
+reads that one file and opens no data file.
 
 Sharding: the unit is a Parquet row group (~256 images of one first-budget bucket). Units are dealt
 round-robin to ranks, so ranks read disjoint data and differ by at most one unit.
@@ -66,21 +68,92 @@ class ShardIndex:
     world: int
 
     @classmethod
-    def build(cls, uri: str, budget: int, rank: int = 0, world: int = 1) -> ShardIndex:
-        """This rank's rows of a completed ingest output, by bucket at `budget`."""
+    def build(
+        cls, uri: str, budget: int, rank: int = 0, world: int = 1, filesystem: pafs.FileSystem | None = None
+    ) -> ShardIndex:
+        """This rank's rows of a completed ingest output, by bucket at `budget`, from its index.parquet alone
+        (no data file is opened). `filesystem`: one holding the output's paths, instead of Arrow's for `uri`."""
         from vitok_core.ingest_output import IngestOutput  # the reader checks _SUCCESS and the budgets
 
         output = IngestOutput(uri)
         if budget not in output.budgets:
             raise KeyError(f"budget {budget} was not ingested in {uri}; budgets: {output.budgets}")
-        filesystem, files = output.data_files()
-        return cls.from_files(filesystem, files, f"bucket_{budget}", budget, rank, world)
+        return cls.from_index(output.uri, f"bucket_{budget}", budget, rank, world, filesystem=filesystem)
+
+    @classmethod
+    def from_index(
+        cls,
+        uri: str,
+        column: str,
+        budget: int,
+        rank: int,
+        world: int,
+        filesystem: pafs.FileSystem | None = None,
+        stage: str = "ingest",
+    ) -> ShardIndex:
+        """This rank's rows of the output at `uri` (ingest, or cache_latents with column "bucket") from its
+        row-group index (vitok_core.row_index): one file, only the columns this budget needs. The same units,
+        rows and bucket codes as `from_files` over the output's data files."""
+        from vitok_core.row_index import read_index, resolve
+
+        filesystem, root = resolve(uri, filesystem)
+        table = read_index(uri, ["file", "row_group", "start", "rows", column], filesystem, stage)
+        return cls.from_table(filesystem, root, table, column, budget, rank, world)
+
+    @classmethod
+    def from_table(
+        cls,
+        filesystem: pafs.FileSystem,
+        root: str,
+        table: pa.Table,
+        column: str,
+        budget: int,
+        rank: int,
+        world: int,
+    ) -> ShardIndex:
+        """From an index table (file relative to `root`, row_group, start, rows, `column`), sorted by file,
+        row group and start. Units are the row groups in that order, dealt round-robin as in `from_files`."""
+        n = table.num_rows
+        files = table.column("file").combine_chunks().dictionary_encode()
+        file_codes = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        groups, starts, rows = (table.column(c).to_numpy().astype(np.int64) for c in ("row_group", "start", "rows"))
+        new_unit = np.ones(n, dtype=bool)
+        new_unit[1:] = (file_codes[1:] != file_codes[:-1]) | (groups[1:] != groups[:-1])
+        expected_start = np.zeros(n, dtype=np.int64)  # a row group's runs are contiguous and start at row 0
+        expected_start[1:] = starts[:-1] + rows[:-1]
+        expected_start[new_unit] = 0
+        if n and (np.any(starts != expected_start) or np.any(rows < 1) or np.any(np.diff(file_codes) < 0)):
+            raise ValueError(f"the row-group index under {root} is not sorted or not contiguous")
+        unit_of_run = np.cumsum(new_unit) - 1
+        n_units = int(unit_of_run[-1]) + 1 if n else 0
+        if rank >= n_units:
+            raise ValueError(f"{n_units} row groups in {len(files.dictionary)} files, fewer than the {world} ranks")
+        mine = unit_of_run % world == rank
+        local = (unit_of_run[mine] - rank) // world  # this rank's unit number of each of its runs
+        unit_rows = np.bincount(local, weights=rows[mine]).astype(np.int64)
+        first = mine & new_unit
+        buckets = table.column(column).combine_chunks().filter(pa.array(mine)).dictionary_encode()
+        codes = buckets.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        return cls(
+            filesystem=filesystem,
+            files=[f"{root}/{name}" for name in files.dictionary.to_pylist()],
+            column=column,
+            units=np.stack([file_codes[first], groups[first]], axis=1).reshape(-1, 2),
+            unit_start=np.concatenate([[0], np.cumsum(unit_rows)]).astype(np.int64),
+            bucket_codes=np.repeat(codes, rows[mine]),
+            buckets=buckets.dictionary.to_pylist(),
+            budget=budget,
+            rank=rank,
+            world=world,
+        )
 
     @classmethod
     def from_files(
         cls, filesystem: pafs.FileSystem, files: list[str], column: str, budget: int, rank: int, world: int
     ) -> ShardIndex:
-        """Read the footers of every file and the bucket column of this rank's row groups."""
+        """Read the footers of every file and the bucket column of this rank's row groups: a request per file
+        and per row group, which at scale takes hours (docs/scaling.md section 3). The readers use
+        `from_index`; this stays as the reference the index is checked against."""
         all_units = []
         for f, path in enumerate(files):
             meta = pq.ParquetFile(path, filesystem=filesystem).metadata

@@ -1,0 +1,311 @@
+"""The row-group index of a Parquet output: `{output}/index.parquet`, one small file that says, for every row
+group of every data file, how many rows it holds and in which bucket(s) they are. Readers plan from it (the
+training loader's `ShardIndex`, cache_latents, evaluate) without opening a data file: one file, read in a few
+requests, instead of the footer of every data file and the bucket column of every row group.
+
+Written by ingest's publish step (and by cache_latents for its own output) before the manifest and
+`_SUCCESS`, so it is part of the published output; `vitok index OUTPUT` builds it from the data files'
+footers for an output written before outputs had one.
+
+Schema, one row per *run*: consecutive rows of one row group that share their bucket at every budget.
+
+    file        string  the data file, relative to the output: data/bucket=13x19/part-00000-000.parquet
+    row_group   int32   the row group within the file
+    start       int32   the run's first row within the row group
+    rows        int32   the run's rows
+    bucket_<T>  string  the rows' bucket ("RxC" patch grid) at budget T: one column per ingested budget
+                        (a cache_latents output has one column, `bucket`: the latent grid)
+
+Rows are sorted by (file, row_group, start); a row group's runs are contiguous and cover it, so its row count
+is the sum of its runs' `rows`. Ingest sorts each output file's rows by their buckets at the later budgets, so
+a file has at most (row groups + bucket combinations - 1) runs; the first budget's bucket is one per file.
+
+Torch-free (ingest's Ray workers import it) and free of Ray and Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from vitok_core.artifacts import MANIFEST, SUCCESS, absolute, join, read_json
+
+__all__ = [
+    "INDEX",
+    "IndexBuilder",
+    "MissingIndexError",
+    "file_runs",
+    "index_from_files",
+    "index_output",
+    "read_index",
+    "require_index",
+    "write_index",
+]
+
+INDEX = "index.parquet"
+BASE_COLUMNS = ("file", "row_group", "start", "rows")
+INDEX_ROWS_PER_GROUP = 1 << 20  # row groups of the index file itself: a reader that needs its start reads little
+
+
+class MissingIndexError(FileNotFoundError):
+    """A complete output without index.parquet: written by code from before outputs carried one."""
+
+    def __init__(self, uri: str, stage: str = "ingest") -> None:
+        rerun = {
+            "ingest": "rerun ingest with the current code (`vitok run` or `vitok stage ingest`: ingest-3 writes "
+            "a new output, under a new key, with its index)",
+            "cache_latents": "rerun cache_latents with the current code (`vitok run --force cache_latents`)",
+        }.get(stage, f"rerun {stage} with the current code")
+        super().__init__(
+            f"{uri} has no {INDEX} (the row-group index every reader plans from; outputs written before it "
+            f"existed lack it): {rerun}, or write the index for this output with `vitok index {uri}`"
+        )
+        self.uri = uri
+
+
+def schema(bucket_columns: Sequence[str]) -> pa.Schema:
+    ints = [("row_group", pa.int32()), ("start", pa.int32()), ("rows", pa.int32())]
+    return pa.schema([("file", pa.string()), *ints, *((c, pa.string()) for c in bucket_columns)])
+
+
+def group_sizes(rows: int, rows_per_group: int) -> list[int]:
+    """Row-group sizes of a file of `rows` rows written with `row_group_size=rows_per_group` (Arrow cuts a
+    table into slices of exactly that many rows, the last one shorter)."""
+    return [min(rows_per_group, rows - offset) for offset in range(0, rows, rows_per_group)]
+
+
+def _strings(values: Sequence[str] | pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    return values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+
+
+def file_runs(buckets: Mapping[str, Sequence[str] | pa.ChunkedArray | pa.Array], sizes: Sequence[int]) -> dict:
+    """The runs of one data file, as columns (row_group, start, rows and each bucket column), from the bucket
+    columns of its rows in file order and its row-group sizes."""
+    n = int(sum(sizes))
+    arrays = {name: _strings(values) for name, values in buckets.items()}
+    group = np.repeat(np.arange(len(sizes), dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+    first = np.ones(n, dtype=bool)  # a run starts at a new row group or where any bucket changes
+    first[1:] = group[1:] != group[:-1]
+    for name, array in arrays.items():
+        if len(array) != n:
+            raise ValueError(f"{name}: {len(array)} values for {n} rows")
+        codes = array.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+        first[1:] |= codes[1:] != codes[:-1]
+    starts = np.flatnonzero(first)
+    group_offset = np.cumsum(np.asarray(sizes, dtype=np.int64)) - np.asarray(sizes, dtype=np.int64)
+    columns: dict[str, list] = {
+        "row_group": group[starts].tolist(),
+        "start": (starts - group_offset[group[starts]]).tolist(),
+        "rows": np.diff(np.append(starts, n)).tolist(),
+    }
+    take = pa.array(starts, pa.int64())
+    for name, array in arrays.items():
+        columns[name] = array.take(take).to_pylist()
+    return columns
+
+
+class IndexBuilder:
+    """Collects the runs of many files (in any order) and gives the sorted index table. Runs are kept as Arrow
+    chunks of `flush` rows, not Python objects, so a driver indexing millions of row groups holds ~30 bytes
+    per run plus the file names."""
+
+    def __init__(self, bucket_columns: Sequence[str], flush: int = 1 << 18) -> None:
+        self.schema = schema(bucket_columns)
+        self.flush = flush
+        self._chunks: list[pa.Table] = []
+        self._pending: dict[str, list] = {name: [] for name in self.schema.names}
+
+    def add(self, file: str, runs: Mapping[str, Sequence[Any]]) -> None:
+        count = len(runs["rows"])
+        self._pending["file"].extend([file] * count)
+        for name in self.schema.names[1:]:
+            self._pending[name].extend(runs[name])
+        if len(self._pending["rows"]) >= self.flush:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending["rows"]:
+            self._chunks.append(pa.table(self._pending, schema=self.schema))
+            self._pending = {name: [] for name in self.schema.names}
+
+    def table(self) -> pa.Table:
+        self._flush()
+        table = pa.concat_tables(self._chunks) if self._chunks else self.schema.empty_table()
+        return sort(table)
+
+
+def sort(table: pa.Table) -> pa.Table:
+    keys = [(name, "ascending") for name in ("file", "row_group", "start")]
+    order = pc.sort_indices(table, sort_keys=keys)
+    return table.take(order).combine_chunks()
+
+
+def count_row_groups(table: pa.Table) -> int:
+    """Row groups an index describes (its runs with start 0)."""
+    return int(pc.sum(pc.equal(table["start"], 0)).as_py() or 0)
+
+
+def write_index(uri: str, table: pa.Table) -> str:
+    """Write `{uri}/index.parquet` (temporary name, then rename where the filesystem has one); returns its URI."""
+    import fsspec
+
+    target = join(uri, INDEX)
+    fs, path = fsspec.core.url_to_fs(target)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, row_group_size=INDEX_ROWS_PER_GROUP, compression="zstd")
+    fs.mv(tmp, path)
+    return target
+
+
+def resolve(uri: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path of `uri` on it): Arrow's own filesystem for the URI unless one is given (a test's
+    counting filesystem, which must hold the same paths)."""
+    found, path = pafs.FileSystem.from_uri(absolute(uri))
+    return (filesystem or found), path.rstrip("/")
+
+
+def _open_index(uri: str, filesystem: pafs.FileSystem | None, stage: str) -> pa.NativeFile:
+    filesystem, root = resolve(uri, filesystem)
+    path = f"{root}/{INDEX}"
+    try:
+        return filesystem.open_input_file(path)
+    except OSError:  # local: FileNotFoundError; other filesystems may say it otherwise
+        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            raise MissingIndexError(uri.rstrip("/"), stage) from None
+        raise
+
+
+def require_index(uri: str, stage: str = "ingest") -> None:
+    """MissingIndexError (naming the fix) unless the output at `uri` has its index: a driver's check before
+    any cluster work, so that the workers' failure is not the first sign."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(join(path, INDEX)):
+        raise MissingIndexError(uri.rstrip("/"), stage)
+
+
+def read_index(
+    uri: str, columns: Sequence[str] | None = None, filesystem: pafs.FileSystem | None = None, stage: str = "ingest"
+) -> pa.Table:
+    """The index of the output at `uri` (only `columns`, if given); MissingIndexError if it has none."""
+    with _open_index(uri, filesystem, stage) as f:
+        return pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def iter_index(
+    uri: str, columns: Sequence[str], filesystem: pafs.FileSystem | None = None, stage: str = "ingest"
+) -> Iterator[pa.RecordBatch]:
+    """The index of the output at `uri` in record batches, read one index row group at a time: a reader that
+    needs only its beginning (evaluate's first N images) stops early."""
+    with _open_index(uri, filesystem, stage) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=1 << 16, columns=list(columns))
+
+
+def row_groups(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, int, int]]:
+    """(file, row group, rows) of each row group, in index order, from index batches holding file, row_group
+    and rows (a row group's runs are contiguous and may straddle two batches)."""
+    current: tuple[str, int] | None = None
+    total = 0
+    for batch in batches:
+        files = batch.column("file").to_pylist()
+        groups = batch.column("row_group").to_pylist()
+        for file, group, rows in zip(files, groups, batch.column("rows").to_pylist(), strict=True):
+            if (file, group) != current:
+                if current is not None:
+                    yield current[0], current[1], total
+                current, total = (file, group), 0
+            total += rows
+    if current is not None:
+        yield current[0], current[1], total
+
+
+# ------------------------------------------------------------------------------------------------
+# Building an index from the data files (`vitok index`, and the tests' reference)
+# ------------------------------------------------------------------------------------------------
+def list_data_files(filesystem: pafs.FileSystem, root: str) -> list[str]:
+    """Sorted paths of the Parquet files under {root}/data (as Arrow's dataset discovery sees them: names
+    starting with "." or "_" and unfinished `.tmp-` files left out)."""
+    infos = filesystem.get_file_info(pafs.FileSelector(f"{root}/data", recursive=True))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+    )
+
+
+def runs_from_footer(filesystem: pafs.FileSystem, path: str, bucket_columns: Sequence[str]) -> dict:
+    with filesystem.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+        table = parquet.read(columns=list(bucket_columns))
+    return file_runs({c: table[c] for c in bucket_columns}, sizes)
+
+
+def index_from_files(
+    filesystem: pafs.FileSystem, root: str, files: Sequence[str], bucket_columns: Sequence[str], threads: int = 16
+) -> pa.Table:
+    """The index of data files `files` (paths on `filesystem` under `root`), from their footers and bucket
+    columns: one footer and one read of the bucket columns per file, `threads` files at a time."""
+    builder = IndexBuilder(bucket_columns)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = pool.map(lambda p: runs_from_footer(filesystem, p, bucket_columns), files)
+        for path, runs in zip(files, results, strict=True):
+            if not path.startswith(root + "/"):
+                raise ValueError(f"{path} is not under {root}")
+            builder.add(path[len(root) + 1 :], runs)
+    return builder.table()
+
+
+def bucket_columns_of(manifest: Mapping[str, Any]) -> list[str]:
+    """The bucket columns an output's index holds, from its manifest's stage."""
+    stage = manifest.get("stage")
+    if stage == "ingest":
+        return [f"bucket_{t}" for t in manifest["settings"]["budgets"]]
+    if stage == "cache_latents":
+        return ["bucket"]
+    raise ValueError(f"a {stage} output has no row-group index: only ingest and cache_latents outputs have one")
+
+
+def index_output(uri: str, threads: int = 16) -> dict[str, Any]:
+    """Build and write the index of a complete ingest or cache_latents output from its data files (the repair
+    for an output written before outputs had one; an existing index is rebuilt). Returns what it wrote."""
+    import fsspec
+
+    started = time.time()
+    uri = uri.rstrip("/")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(join(path, SUCCESS)):
+        raise FileNotFoundError(f"{uri} is not a completed output (no {SUCCESS})")
+    manifest = read_json(join(uri, MANIFEST))
+    columns = bucket_columns_of(manifest)
+    filesystem, root = resolve(uri, None)
+    files = list_data_files(filesystem, root)
+    table = index_from_files(filesystem, root, files, columns, threads)
+    rows = int(pc.sum(table["rows"]).as_py() or 0)
+    expected = manifest["counts"]["accepted"] if manifest["stage"] == "ingest" else manifest["rows"]
+    if rows != expected:  # never write an index that disagrees with the output's own counts
+        raise ValueError(f"{uri}: its data files hold {rows} rows, its manifest says {expected}; index not written")
+    target = write_index(uri, table)
+    return {
+        "index": target,
+        "stage": manifest["stage"],
+        "files": len(files),
+        "row_groups": count_row_groups(table),
+        "rows": rows,
+        "runs": table.num_rows,
+        "seconds": time.time() - started,
+    }
