@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.common import fail_once, init_ray, map_with_actors, parse_config, setup_logging
-from vitok_core import __version__
+from jobs.common import fail_once, init_ray, map_with_actors, parse_config, retry_transient_tasks, setup_logging
+from vitok_core import __version__, io_retry
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, stage_key, write_json
 from vitok_core.checkpoint import load_part_model, published_sha256, read_export_info
 from vitok_core.config import VitokConfig, to_dict
@@ -110,11 +110,14 @@ def stats_file(out: str, index: int) -> str:
 class EncodeFiles:
     """Ray Data actor: holds one encoder, turns one ingest file into one latent file per call."""
 
-    def __init__(self, encoder: str, settings: dict[str, Any], out: str, batch_size: int, fail_at: int) -> None:
+    def __init__(
+        self, encoder: str, settings: dict[str, Any], out: str, batch_size: int, fail_at: int, retry: Any = None
+    ) -> None:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_part_model(encoder, "encoder", settings["variant"], self.device)
         self.spec = self.model.spec
         self.settings, self.out, self.batch_size, self.fail_at = settings, out, batch_size, fail_at
+        self.retry = retry  # the io section: reading the ingest files, vitok_core/io_retry.py
 
     def _maybe_fail(self, index: int) -> None:
         if index == self.fail_at:
@@ -139,8 +142,8 @@ class EncodeFiles:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         index, path = int(batch["index"][0]), str(batch["path"][0])
         self._maybe_fail(index)
-        with fsspec.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "source", "label", "bytes"])
+        # an artifact: an error that remains after the retries fails the task (Ray Data retries a transient one)
+        table = io_retry.retry_call(lambda: _read_ingest_file(path), self.retry, path)
         dtype, stats, records = self.settings["dtype"], ChannelStats(self.spec.channels), []
         for start in range(0, table.num_rows, self.batch_size):
             chunk = table.slice(start, self.batch_size).to_pylist()
@@ -174,6 +177,12 @@ class EncodeFiles:
         with fsspec.open(stats_file(self.out, index), "w") as f:  # the task's completion marker
             json.dump(summary, f)
         return {"summary": [json.dumps(summary)]}
+
+
+def _read_ingest_file(uri: str) -> pa.Table:
+    fs, path = io_retry.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=["id", "source", "label", "bytes"])
 
 
 def _write_atomically(uri: str, table: pa.Table) -> None:
@@ -251,6 +260,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     log.info("cache_latents %s: %d ingest files (%d already done), encoder %s", out, len(uris), len(done), encoder)
 
     init_ray()
+    retry_transient_tasks(cfg.io)
     rows = map_with_actors(
         todo,
         EncodeFiles,
@@ -260,6 +270,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
             "out": out,
             "batch_size": cfg.cache.batch_size,
             "fail_at": cfg.cache.fail_at_file,
+            "retry": to_dict(cfg.io),
         },
         actors=cfg.cache.actors,
         cpus_per_actor=cfg.cache.cpus_per_actor,

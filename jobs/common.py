@@ -123,3 +123,16 @@ def fail_once(out: str, name: str, message: str) -> None:
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         fs.touch(path)
         raise RuntimeError(message)
+
+
+def retry_transient_tasks(io: Any) -> None:
+    """Make Ray Data retry, `io.task_retries` times, a map task (or actor task) that failed with a TransientIOError:
+    a read that outlived its own retries (vitok_core/io_retry.py). Any other error still fails the task at once.
+    Set on the driver before the datasets are built (they take the DataContext with them)."""
+    import ray
+
+    from vitok_core.io_retry import TRANSIENT_MARK
+
+    context = ray.data.DataContext.get_current()
+    context.retried_map_errors = [TRANSIENT_MARK] if io.task_retries > 0 else False
+    context.max_map_retries = int(io.task_retries)

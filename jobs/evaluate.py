@@ -45,8 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.common import fail_once, init_ray, map_with_actors, parse_config, setup_logging
-from vitok_core import __version__, report
+from jobs.common import fail_once, init_ray, map_with_actors, parse_config, retry_transient_tasks, setup_logging
+from vitok_core import __version__, io_retry, report
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.checkpoint import file_sha256, load_published, published_sha256, read_export_info
 from vitok_core.config import VitokConfig, config_from_dict, to_dict
@@ -200,6 +200,7 @@ class EvaluateTasks:
     def __init__(self, config: dict[str, Any], models: dict[str, str], out: str) -> None:
         cfg = config_from_dict(config)
         self.e, self.out = cfg.evaluate, out
+        self.retry = cfg.io  # reading the eval set: vitok_core/io_retry.py
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.models: dict[str, torch.nn.Module] = {}
         for name, uri in models.items():
@@ -222,18 +223,25 @@ class EvaluateTasks:
     def _load(self, task: dict[str, Any]) -> tuple[list[str], list[torch.Tensor], list[tuple[str, str]]]:
         """(ids, images [3, h, w] in [-1, 1], rejected (id, reason))."""
         ids, images, rejected = [], [], []
-        if task["kind"] == "ingest":
-            with fsspec.open(task["uri"], "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(task["group"], columns=["id", "bytes"])
+        if task["kind"] == "ingest":  # an artifact: any error that remains after the retries fails the task
+            what = f"{task['uri']} row group {task['group']}"
+            table = io_retry.retry_call(lambda: _read_row_group(task["uri"], task["group"]), self.retry, what)
             rows = table.slice(task["start"], task["count"]).to_pylist()
             items = [(row["id"], lambda row=row: row["bytes"]) for row in rows]
         else:
-            items = [(uri, lambda uri=uri: fsspec.open(uri, "rb").open().read()) for uri in task["uris"]]
+            items = [(uri, lambda uri=uri: io_retry.read_bytes(uri, self.retry)) for uri in task["uris"]]
         for ident, read in items:
             try:
-                images.append(to_tensor(decode_image(read())))
+                data = read()
+            except Exception as err:
+                if io_retry.classify(err) != io_retry.PERMANENT:
+                    raise  # transient past its retries (or a bug): the task fails (Ray Data retries it), never a reject
+                rejected.append((ident, io_retry.describe(err)))  # not found, access denied: counted, not fatal
+                continue
+            try:
+                images.append(to_tensor(decode_image(data)))
                 ids.append(ident)
-            except Exception as err:  # a corrupt or unreadable file is counted, not fatal
+            except Exception as err:  # undecodable: counted, not fatal
                 rejected.append((ident, f"{type(err).__name__}: {err}"[:300]))
         return ids, images, rejected
 
@@ -246,8 +254,8 @@ class EvaluateTasks:
     def run_task(self, task: dict[str, Any]) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
         if task["kind"] == SAMPLES:
-            with fsspec.open(task["uri"], "rb") as f:
-                images = np.load(io.BytesIO(f.read()), allow_pickle=False)["images"]
+            data = io_retry.read_bytes(task["uri"], self.retry)
+            images = np.load(io.BytesIO(data), allow_pickle=False)["images"]
             chunk = list(images[task["start"] : task["start"] + task["count"]])
             self._features(arrays, f"{SAMPLES}/{SAMPLES}", chunk)
             return arrays
@@ -288,6 +296,12 @@ class EvaluateTasks:
             f.write(buffer.getvalue())
         fs.mv(tmp, path)  # the staging file is the task's completion marker
         return {"index": [task["index"]]}
+
+
+def _read_row_group(uri: str, group: int) -> pa.Table:
+    fs, path = io_retry.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_group(group, columns=["id", "bytes"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,6 +492,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
              len(sample_tasks), len(done), len(tasks))  # fmt: skip
 
     init_ray()
+    retry_transient_tasks(cfg.io)
     map_with_actors(
         todo,
         EvaluateTasks,

@@ -53,8 +53,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from jobs.common import init_ray, parse_config, setup_logging
-from vitok_core import __version__
+from jobs.common import init_ray, parse_config, retry_transient_tasks, setup_logging
+from vitok_core import __version__, io_retry
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.config import VitokConfig, to_dict
 from vitok_core.fingerprint import manifest_fields
@@ -131,9 +131,10 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def list_tasks(settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+def list_tasks(settings: dict[str, Any], retry: Any = None) -> tuple[str, list[dict[str, Any]]]:
     """(source format, tasks). Files: `files_per_task` sorted files a task; tar: one shard a task;
-    Parquet: one row group a task (the driver reads only the footers)."""
+    Parquet: one row group a task (the driver reads only the footers, retried per `retry`, the io section:
+    an error that remains stops the run before any work)."""
     source = settings["source"]
     fs, root = fsspec.core.url_to_fs(source)
     if fs.isfile(root):
@@ -156,8 +157,7 @@ def list_tasks(settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         tasks = [{"uris": [_with_protocol(fs, p)]} for p in paths if p.lower().endswith(".tar")]
     else:
         for path in (p for p in paths if p.lower().endswith(".parquet")):
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
+            meta = io_retry.retry_call(lambda path=path: _footer(fs, path), retry, path)
             for key in ("parquet_image_column", "parquet_label_column"):
                 if settings[key] and settings[key] not in meta.schema.names:
                     raise ValueError(f"ingest.{key}={settings[key]!r}: {path} has columns {meta.schema.names}")
@@ -170,55 +170,87 @@ def list_tasks(settings: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     return kind, [{"task": i, "kind": kind, "row_group": -1, "first_row": 0, **t} for i, t in enumerate(tasks)]
 
 
+def _footer(fs: fsspec.AbstractFileSystem, path: str) -> pq.FileMetaData:
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata
+
+
 # ------------------------------------------------------------------------------------------------
 # Step 2: one task -> one staging Parquet file
 # ------------------------------------------------------------------------------------------------
 # (source URI, label, the encoded bytes or the error that stopped us reading them)
 Item = tuple[str, str, "bytes | Exception"]
+# Reading the source (vitok_core/io_retry.py): a transient error (5xx, throttling, timeout, reset) is retried
+# per `retry` (the io config section); one that outlives its retries raises TransientIOError out of the task,
+# which fails (Ray Data retries it; a rerun redoes it), never a reject. A permanent one (not found, access
+# denied, undecodable shard or row group) is yielded as the item's error: a reject with its reason.
 
 
-def _read_files(uris: list[str], label_from: str) -> Iterator[Item]:
+def _read_files(uris: list[str], label_from: str, retry: Any = None) -> Iterator[Item]:
     for uri in uris:
         label = os.path.basename(os.path.dirname(uri)) if label_from == "folder" else ""
         try:
-            with fsspec.open(uri, "rb") as f:
-                yield uri, label, f.read()
+            data = io_retry.read_bytes(uri, retry)
         except Exception as err:
+            if io_retry.classify(err) != io_retry.PERMANENT:
+                raise  # a TransientIOError (or a bug): the task fails
             yield uri, label, err
+            continue
+        yield uri, label, data
 
 
-def _read_tar(uri: str, label_from: str) -> Iterator[Item]:
+def _read_tar(uri: str, label_from: str, retry: Any = None) -> Iterator[Item]:
     """WebDataset shard: `key.<image ext>` members are images, `key.cls` their label. Streamed member by
-    member; a corrupt or truncated shard ends with one unreadable item naming where it broke."""
+    member; a corrupt or truncated shard ends with one unreadable item naming where it broke. A transient
+    error on the way reads the whole shard again (retried per `retry`)."""
     folder_label = os.path.basename(os.path.dirname(uri)) if label_from == "folder" else ""
-    images: dict[str, tuple[str, bytes]] = {}
-    labels: dict[str, str] = {}
-    last = "<start>"
-    broken: Exception | None = None
-    try:
-        with fsspec.open(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = os.path.splitext(member.name)
-                data = tar.extractfile(member).read()
-                last = member.name
-                if ext.lower() == ".cls":
-                    labels[key] = data.decode(errors="replace").strip()
-                elif ext.lower().lstrip(".") in IMAGE_EXTENSIONS:
-                    images[key] = (f"{uri}#{member.name}", data)
-    except Exception as err:
-        broken = err
+
+    def scan() -> tuple[dict[str, tuple[str, bytes]], dict[str, str], str, Exception | None]:
+        images: dict[str, tuple[str, bytes]] = {}
+        labels: dict[str, str] = {}
+        last = "<start>"
+        try:
+            fs, path = io_retry.url_to_fs(uri)
+            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = os.path.splitext(member.name)
+                    data = tar.extractfile(member).read()
+                    last = member.name
+                    if ext.lower() == ".cls":
+                        labels[key] = data.decode(errors="replace").strip()
+                    elif ext.lower().lstrip(".") in IMAGE_EXTENSIONS:
+                        images[key] = (f"{uri}#{member.name}", data)
+        except Exception as err:
+            if io_retry.classify(err) == io_retry.TRANSIENT:
+                raise
+            return images, labels, last, err  # permanent: a corrupt or truncated shard, a missing object
+        return images, labels, last, None
+
+    images, labels, last, broken = io_retry.retry_call(scan, retry, uri)
     for key, (source, data) in images.items():
         yield source, labels.get(key, folder_label), data
     if broken is not None:
         yield f"{uri}#after:{last}", folder_label, broken
 
 
-def _read_parquet(item: dict[str, Any], image_column: str, label_column: str) -> Iterator[Item]:
+def _read_parquet(item: dict[str, Any], image_column: str, label_column: str, retry: Any = None) -> Iterator[Item]:
     uri = item["uris"][0]
-    with fsspec.open(uri, "rb") as f:
-        table = pq.ParquetFile(f).read_row_group(item["row_group"])
+
+    def read() -> pa.Table:
+        fs, path = io_retry.url_to_fs(uri)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read_row_group(item["row_group"])
+
+    try:
+        table = io_retry.retry_call(read, retry, f"{uri} row group {item['row_group']}")
+    except Exception as err:
+        if io_retry.classify(err) != io_retry.PERMANENT:
+            raise  # a TransientIOError (or a bug): the task fails
+        # permanent (a missing object, a corrupt row group): one reject for the row group
+        yield f"{uri}#row_group={item['row_group']}", "", err
+        return
     images = table.column(image_column).to_pylist()
     labels = table.column(label_column).to_pylist() if label_column else [None] * len(images)
     for i, (data, label) in enumerate(zip(images, labels, strict=True)):
@@ -226,12 +258,12 @@ def _read_parquet(item: dict[str, Any], image_column: str, label_column: str) ->
         yield f"{uri}#row={item['first_row'] + i}", "" if label is None else str(label), value
 
 
-def _items(item: dict[str, Any], settings: dict[str, Any]) -> Iterator[Item]:
+def _items(item: dict[str, Any], settings: dict[str, Any], retry: Any = None) -> Iterator[Item]:
     if item["kind"] == "files":
-        return _read_files(item["uris"], settings["label_from"])
+        return _read_files(item["uris"], settings["label_from"], retry)
     if item["kind"] == "tar":
-        return _read_tar(item["uris"][0], settings["label_from"])
-    return _read_parquet(item, settings["parquet_image_column"], settings["parquet_label_column"])
+        return _read_tar(item["uris"][0], settings["label_from"], retry)
+    return _read_parquet(item, settings["parquet_image_column"], settings["parquet_label_column"], retry)
 
 
 def _record(uri: str, label: str, outcome: Outcome, budgets: list[int]) -> dict[str, Any]:
@@ -255,7 +287,7 @@ def _record(uri: str, label: str, outcome: Outcome, budgets: list[int]) -> dict[
     return record
 
 
-def process_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
+def process_task(item: dict[str, Any], settings: dict[str, Any], staging: str, retry: Any = None) -> dict[str, Any]:
     """Process the images of one task and write its staging file whole; returns the task's summary.
 
     The file holds every outcome, sorted by (bucket, id) so that the rows of one bucket sit in a few row
@@ -263,8 +295,8 @@ def process_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -
     through the row-group statistics, without touching the rest."""
     rules, budgets = rules_from(settings), settings["budgets"]
     records = []
-    for source, label, data in _items(item, settings):
-        if isinstance(data, Exception):  # an unreadable source is a reject, not a crash
+    for source, label, data in _items(item, settings, retry):
+        if isinstance(data, Exception):  # a permanently unreadable source is a reject, not a crash
             detail = f"{type(data).__name__}: {data}"
             outcome = Outcome(id="", accepted=False, reason="unreadable_source", detail=detail)
         else:
@@ -304,14 +336,14 @@ def summarize(table: pa.Table, budgets: list[int]) -> dict[str, Any]:
     }
 
 
-def ingest_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
+def ingest_task(item: dict[str, Any], settings: dict[str, Any], staging: str, retry: Any = None) -> dict[str, Any]:
     """Ray Data map function of step 2. A task whose staging file a previous attempt wrote is only summarised."""
     if item["done"]:
         columns = ["accepted", "reason", *(f"bucket_{t}" for t in settings["budgets"])]
         with fsspec.open(task_file(staging, item["task"]), "rb") as f:
             summary = summarize(pq.read_table(f, columns=columns), settings["budgets"])
     else:
-        summary = process_task(item, settings, staging)
+        summary = process_task(item, settings, staging, retry)
     return {"task": item["task"], "done": item["done"], "summary": json.dumps(summary)}
 
 
@@ -543,7 +575,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         return read_json(join(out, "manifest.json"))
     start = time.time()
     staging = join(out, "_staging")
-    kind, tasks = list_tasks(settings)
+    kind, tasks = list_tasks(settings, cfg.io)
     done = done_tasks(staging)
     log.info("ingest %s: %s source, %d tasks (%d already done)", out, kind, len(tasks), len(done))
     listed = time.time()
@@ -555,8 +587,10 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     # would hold such a lone map to one task at a time for its first second or so (measured: 8 x 0.5 s
     # tasks on 2 CPUs took 3.1 s with it, 2.2 s without); there is nothing to reserve for here.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    retry_transient_tasks(cfg.io)  # a task whose read outlived its retries: retried by Ray Data, then fails
     rows = [{**t, "done": t["task"] in done} for t in tasks]
-    results = ray_map(ingest_task, rows, {"settings": settings, "staging": staging}, "ingest: process")
+    kwargs = {"settings": settings, "staging": staging, "retry": to_dict(cfg.io)}
+    results = ray_map(ingest_task, rows, kwargs, "ingest: process")
     summaries = {r["task"]: json.loads(r["summary"]) for r in results}
     processed = time.time()
 

@@ -164,6 +164,7 @@ class _Budgets:
                 workers=cfg.train.loader_workers,
                 pin_memory=cfg.train.use_gpu,
             )
+            loader.retry = to_dict(cfg.io)  # reading the ingest output's row groups (vitok_core/io_retry.py)
             self._iterator = loader.batches(start=self.position[str(budget)])
             self.budget = budget
             if self.rank == 0:

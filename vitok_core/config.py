@@ -274,6 +274,20 @@ class EvalConfig:
 
 
 @dataclass
+class RetryConfig:
+    """How every stage reads its inputs: transient I/O errors (5xx, throttling, timeouts, connection resets) are
+    retried with bounded exponential backoff; permanent ones (not found, access denied, undecodable bytes) are
+    not (vitok_core/io_retry.py, docs/ingest.md). Part of no stage's key: retries do not change an output."""
+
+    retries: int = 5  # retries of one read after its first attempt (each attempt is botocore's 5 on S3)
+    backoff_s: float = 1.0  # wait before the first retry; doubles each retry (equal jitter)
+    max_backoff_s: float = 30.0  # at most this long a wait
+    # Ray Data retries of a task whose read outlived its retries (TransientIOError); then the stage fails, and a
+    # rerun redoes only the tasks that did not finish
+    task_retries: int = 2
+
+
+@dataclass
 class OrchestrateConfig:
     """How pipelines/ runs the stages (not part of any stage's key)."""
 
@@ -305,6 +319,7 @@ class VitokConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    io: RetryConfig = field(default_factory=RetryConfig)
     orchestrate: OrchestrateConfig = field(default_factory=OrchestrateConfig)
 
 
@@ -523,6 +538,9 @@ def validate(cfg: Any) -> None:
     _rule(cfg, "cache.cpus_per_actor", lambda v: v >= 0, ">= 0")
     _batch_rule(cfg, "train")
     _validate_evaluate(cfg)
+    for key in ("io.retries", "io.task_retries", "io.backoff_s"):
+        _rule(cfg, key, lambda v: v >= 0, ">= 0")
+    _rule(cfg, "io.max_backoff_s", lambda v: v >= cfg.io.backoff_s, f">= io.backoff_s ({cfg.io.backoff_s})")
     _rule(cfg, "orchestrate.mode", lambda v: v in ("local", "cluster"), "'local' or 'cluster'")
     _rule(cfg, "orchestrate.shared_filesystem", lambda v: v.lower() in ("auto", "true", "false"), "auto, true or false")
     if cfg.orchestrate.mode == "cluster":

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vitok_core.images import decode_image, to_tensor
+from vitok_core.io_retry import retry_call
 from vitok_core.naflex import PatchDict, collate, patchify, random_augment, resize_to_budget
 
 __all__ = ["BucketLoader", "LatentLoader", "ShardIndex"]
@@ -243,6 +244,7 @@ class _RowGroups(torch.utils.data.Dataset):
     Runs in DataLoader processes; subclasses say which columns they need and how rows become a batch."""
 
     columns: tuple[str, ...] = ()
+    retry: Any = None  # the io config section for reading row groups (vitok_core/io_retry.py); None = defaults
 
     def __init__(self, index: ShardIndex, cache: int) -> None:
         self.index, self.cache_size = index, cache
@@ -256,8 +258,12 @@ class _RowGroups(torch.utils.data.Dataset):
             self._cache.move_to_end(unit)
             return self._cache[unit]
         f, g = self.index.units[unit]
-        parquet = pq.ParquetFile(self.index.files[f], filesystem=self.index.filesystem)
-        table = parquet.read_row_group(int(g), columns=[*self.columns, self.index.column])
+
+        def read() -> pa.Table:  # transient errors retried; one that outlives its retries fails the run's step
+            parquet = pq.ParquetFile(self.index.files[f], filesystem=self.index.filesystem)
+            return parquet.read_row_group(int(g), columns=[*self.columns, self.index.column])
+
+        table = retry_call(read, self.retry, f"{self.index.files[f]} row group {g}")
         self._cache[unit] = table
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -337,12 +343,15 @@ class BucketLoader:
         self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that do not block the host
         self.augment = augment or Augment()
         self.window, self.workers, self.prefetch = window, workers, prefetch
+        self.retry: Any = None  # the io config section, handed to the dataset (vitok_core/io_retry.py)
 
     def plan(self) -> Iterator[np.ndarray]:
         return batch_plan(self.index, self.micro_batch, self.seed, self.window)
 
     def dataset(self) -> _RowGroups:
-        return _Batches(self.index, self.patch_size, self.seed, self.augment, cache=self.window)
+        dataset = _Batches(self.index, self.patch_size, self.seed, self.augment, cache=self.window)
+        dataset.retry = self.retry
+        return dataset
 
     def batches(self, start: int = 0) -> Iterator[PatchDict]:
         """Batches number `start`, `start + 1`, ... (forever). Each carries its `number`."""
