@@ -416,8 +416,8 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     if is_complete(out):
         log.info("train_ae %s is complete; skipped", out)
         return read_json(join(out, "manifest.json"))
-    start = time.time()
     require_index(ingest.uri)  # every rank's loader plans from it: an output from before it fails here, not there
+    start = time.time()
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
     with fsspec.open(join(out, "config.yaml"), "w") as f:
