@@ -5,6 +5,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench_ingest.py             # 2 x 2000 images, about 7 minutes on 2 cores
     .venv/bin/python benchmarks/bench_ingest.py --quick     # 2 x 300 images, about 2 minutes
     .venv/bin/python benchmarks/bench_ingest.py --n 5000 --repeats 3
+    .venv/bin/python benchmarks/bench_ingest.py --equal-only --equal-repeats 5 --quiet-wait 120
+                                                            # only the equal-resources row (web mix, 1 CPU)
 
 Generating the images the first time adds about 1 minute per 1000 high-resolution images (2 processes).
 
@@ -23,8 +25,11 @@ prints bits per pixel.
 What is measured, per mix (everything printed is measured in this run, nothing is hard-coded):
   bare loop   one Python process pinned to one core: read each file's bytes, `process_image(data, rules)`
               with the IngestRules the job derives from the same config (`ingest_settings` + `rules_from`),
-              the job's own record dicts, and one Parquet file per 256 images (pyarrow), like the staging
-              files. img/s = n / wall seconds of that loop.
+              the job's own record dicts, and one Parquet file per 256 images (pyarrow, written to a local
+              path with the job's writer options: bare_parquet_options), like the staging files. img/s =
+              n / wall seconds of that loop. Untimed before it, as the job gets its warm-up
+              job: every file is read once (page cache) and the first WARM_N images are processed and
+              written (imports, Pillow's plugins, pyarrow's writer).
   2 bare      the same loop in two pinned processes at once, each on half of the images (context only:
               what two busy processes get from this machine's two vCPUs).
   Ray job     `jobs.ingest.run(cfg)` (config `tiny` + ingest.source/root/files_per_task overrides, default
@@ -36,8 +41,27 @@ What is measured, per mix (everything printed is measured in this run, nothing i
               files_per_task is the config default unless that leaves fewer tasks than the 2 CPUs (then
               n / 2), or --files-per-task.
               Instrumentation (the repository's files are untouched): while a run lasts, the benchmark
-              replaces jobs.ingest.ingest_task with a wrapper that calls it in the Ray worker and writes the
-              task's wall/CPU times to a small JSON file beside the staging area.
+              wraps jobs.ingest.ray_map so that each map function the job hands it (ingest_task, and
+              the later steps' functions) runs through a wrapper that writes the task's wall/CPU times to a
+              small JSON file beside the output root (for ingest_task also the time in _items, process_image,
+              _record and summarize; the rest of the task is the staging write), and times each ray_map
+              call (with the driver's CPU meanwhile) and the driver's list_tasks, done_tasks, remove,
+              write_index, write_json and mark_success.
+  equal resources (web mix only; --equal-repeats pairs, default 3): the bare loop above on one core, then
+              right after it a Ray session of its own, ray.init(num_cpus=1), started in a child process
+              pinned to that same core before ray.init, so the driver and everything Ray starts (GCS,
+              raylet, workers, agents) inherit the pin: the whole job gets one core, as the bare loop does,
+              and Ray's own processes compete with the worker there (their CPU is reported per process
+              kind). Ray's start and one untimed warm-up job are excluded; one timed job, then the session
+              ends. ratio = bare wall / job wall (img/s per img/s), goal >= 0.85; min/median/max over the
+              pairs, with the 1-minute load average before and after each pair. The median pair's job is
+              cut into consecutive parts that add up to its wall time: per Ray Data step (process; dedup,
+              which also publishes the buckets small enough for one task; publish, the files of larger
+              buckets) the launch (call to first task start), time in tasks, gaps between tasks and the
+              collect after the last; the driver's own parts (removes, plans, index.parquet); the
+              manifest, _SUCCESS and staging removal. files_per_task: the config default unless that leaves
+              no task (then n), or --files-per-task. --quiet-wait S waits before each pair, up to S seconds,
+              for a 2 s window in which the machine is less than 25% busy.
   profile     cProfile of process_image over a sample of each mix (header, EXIF, decode, resize, encode,
               SHA-256 ...), run in-process before Ray starts; cProfile inflates Python-level calls
               (exif_transpose, Image.open), so read the shares as rough.
@@ -46,7 +70,9 @@ CPU-seconds: the bare loop's own process time; for the job, the driver plus ever
 meanwhile (from /proc/stat): the machine is shared, so also read the load average printed at start and end.
 Results also go to benchmarks/results/bench_ingest.json (with per-task timelines of the job).
 
-Goals checked: Ray job img/s per core >= 0.8 x the bare loop on both mixes, and >= 150 img/s/core on (a).
+Goals checked: Ray job img/s per core >= 0.8 x the bare loop on both mixes, and >= 150 img/s/core on (a);
+equal resources: the job on 1 CPU >= 0.85 x the bare loop on 1 core (median of the pairs).
+With --equal-only the results go to benchmarks/results/bench_ingest_equal.json.
 """
 
 from __future__ import annotations
@@ -65,6 +91,7 @@ import os
 import platform
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -95,6 +122,7 @@ RECIPE = "crop-lanczos-q90-v1"  # bump when the way images are made changes: the
 JPEG_QUALITY = 90
 REQUIRED_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
 OPTIONAL_PHOTOS = ("motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg")
+WARM_N = 32  # images of the untimed warm-up job (and of the bare loop's untimed warm-up pass)
 PART_ROWS = 256  # bare loop: one Parquet file per this many images (the job's default files_per_task)
 RAY_CPUS = 2
 PRESET = "tiny"
@@ -199,7 +227,10 @@ class TreeCPU:
     """CPU-seconds (user + system) of this process and all its descendants (Ray's GCS, raylet, workers).
 
     A thread samples the tree every `interval` seconds, so a process that exits during the window is counted
-    up to its last sample (at most `interval` of its CPU time is missed). None without psutil."""
+    up to its last sample (at most `interval` of its CPU time is missed). `by_kind` splits the total by
+    process: driver (this process, the sampling thread included), workers (Ray worker processes: tasks,
+    Ray Data's stats actor, idle ones), raylet, gcs_server, other (Ray's agents and monitors). None without
+    psutil."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
@@ -207,7 +238,25 @@ class TreeCPU:
         self._thread: threading.Thread | None = None
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
         self.seconds: float | None = None
+        self.by_kind: dict[str, float] | None = None
+        self.sampler_cpu_s: float | None = None
+
+    @staticmethod
+    def kind(proc: Any, me: int) -> str:
+        if proc.pid == me:
+            return "driver"
+        try:
+            name, cmdline = proc.name(), " ".join(proc.cmdline())
+        except Exception:
+            return "other"
+        if name.startswith("ray::") or "default_worker.py" in cmdline:
+            return "workers"
+        for kind in ("raylet", "gcs_server"):
+            if kind in name or kind in cmdline.split(" ", 1)[0]:
+                return kind
+        return "other"
 
     def _sample(self) -> dict[int, float]:
         import psutil
@@ -218,6 +267,8 @@ class TreeCPU:
             try:
                 t = proc.cpu_times()
                 out[proc.pid] = t.user + t.system
+                if proc.pid not in self._kind:
+                    self._kind[proc.pid] = self.kind(proc, me.pid)
             except psutil.Error:
                 pass
         return out
@@ -225,6 +276,7 @@ class TreeCPU:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._last.update(self._sample())
+        self.sampler_cpu_s = time.thread_time()  # this thread's own CPU: part of the driver's share
 
     def __enter__(self) -> TreeCPU:
         if importlib.util.find_spec("psutil") is not None:
@@ -240,7 +292,11 @@ class TreeCPU:
         self._stop.set()
         self._thread.join()
         self._last.update(self._sample())
-        self.seconds = sum(t - self._first.get(pid, 0.0) for pid, t in self._last.items())
+        used = {pid: t - self._first.get(pid, 0.0) for pid, t in self._last.items()}
+        self.seconds = sum(used.values())
+        self.by_kind = dict.fromkeys(("driver", "workers", "raylet", "gcs_server", "other"), 0.0)
+        for pid, seconds in used.items():
+            self.by_kind[self._kind.get(pid, "other")] += seconds
 
 
 def foreign_share(busy: float | None, own_cpu: float | None, wall: float, cores: int) -> float | None:
@@ -391,33 +447,54 @@ def task_sizes(n: int, per: int) -> list[int]:
 # -- bare loop -------------------------------------------------------------------------------------
 
 
+def bare_parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """The bare loop's Parquet writer options, fixed here (not taken from the job, so that a comparison with
+    another version of the job keeps the same baseline): no compression, dictionary or statistics for the
+    image bytes, Snappy for the other columns (what jobs/ingest.py writes since ingest's parquet_options)."""
+    others = [name for name in schema.names if name != "bytes"]
+    compression = {name: "SNAPPY" for name in others} | {"bytes": "NONE"}
+    return {"compression": compression, "use_dictionary": others, "write_statistics": others}
+
+
 def _bare_loop(paths: list[str], overrides: list[str], out_dir: str, cpu: int) -> dict[str, Any]:
-    """Child process: the job's per-image work on one pinned core, timed."""
+    """Child process: the job's per-image work on one pinned core, timed. Like the job's warm-up, an untimed
+    pass over the first WARM_N images first (imports, Pillow's plugins, pyarrow's Parquet writer), and the
+    files' bytes are read once beforehand (page cache), as they are for the job, which runs after."""
     os.sched_setaffinity(0, {cpu})
     cfg = load_config(PRESET, overrides)
     settings = ingest_settings(cfg)
     rules, budgets = rules_from(settings), settings["budgets"]
     schema = row_schema(budgets)
+    options = bare_parquet_options(schema)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accepted, parts, records = 0, 0, []
+    for i, path in enumerate(paths):
+        data = Path(path).read_bytes()
+        if i < WARM_N:
+            warm = [_record(path, "", process_image(data, rules), budgets)]
+            pq.write_table(pa.Table.from_pylist(warm, schema=schema), out / "warm-up.parquet", **options)
+    (out / "warm-up.parquet").unlink(missing_ok=True)
+    accepted, parts, records, in_process_image = 0, 0, [], 0.0
     busy0, wall0, cpu0 = machine_busy_seconds(), time.perf_counter(), time.process_time()
     for path in paths:
         with open(path, "rb") as f:
             data = f.read()
+        t = time.perf_counter()
         outcome = process_image(data, rules)
+        in_process_image += time.perf_counter() - t
         accepted += outcome.accepted
         records.append(_record(path, "", outcome, budgets))
         if len(records) == PART_ROWS:
-            pq.write_table(pa.Table.from_pylist(records, schema=schema), out / f"part-{parts:05d}.parquet")
+            pq.write_table(pa.Table.from_pylist(records, schema=schema), out / f"part-{parts:05d}.parquet", **options)
             parts, records = parts + 1, []
     if records:
-        pq.write_table(pa.Table.from_pylist(records, schema=schema), out / f"part-{parts:05d}.parquet")
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), out / f"part-{parts:05d}.parquet", **options)
         parts += 1
     wall, cpu_s, busy1 = time.perf_counter() - wall0, time.process_time() - cpu0, machine_busy_seconds()
     busy = None if busy0 is None or busy1 is None else busy1 - busy0
     foreign = foreign_share(busy, cpu_s, wall, len(available_cores()))
-    return {"wall_s": wall, "cpu_s": cpu_s, "foreign_cpu_share": foreign, "accepted": accepted, "parquet_files": parts}
+    result = {"wall_s": wall, "cpu_s": cpu_s, "foreign_cpu_share": foreign, "accepted": accepted}
+    return result | {"parquet_files": parts, "process_image_s": in_process_image}
 
 
 def run_bare_pair(paths: list[str], overrides: list[str], out_dir: Path, cpus: list[int]) -> dict[str, Any]:
@@ -451,47 +528,116 @@ def run_bare(paths: list[str], overrides: list[str], out_dir: Path, cpu: int) ->
 # -- Ray job ---------------------------------------------------------------------------------------
 
 
-def _timed_ingest_task(item: dict[str, Any], settings: dict[str, Any], staging: str) -> dict[str, Any]:
-    """Runs in a Ray worker in place of jobs.ingest.ingest_task: the same call, plus its wall/CPU times
-    written to {staging}_bench/ (read by run_job; the job never looks there)."""
+# The functions of jobs.ingest whose time the benchmark adds up inside each process task (a worker patches
+# them in jobs.ingest's namespace for the duration of one task; `_items` is the generator reading the source).
+TASK_PHASES = ("_items", "process_image", "_record", "summarize")
+
+
+def _timed_task(row: dict[str, Any], _bench: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    """Runs in a Ray worker in place of the job's map function `_bench["fn"]` (ingest_task, dedup_shard or
+    publish_part): the same call, plus its wall/CPU times written to `_bench["folder"]` (read by run_job; the
+    job never looks there). For ingest_task, also the time spent in each of TASK_PHASES; the rest of the
+    task is the Arrow table, its sort, the staging Parquet write and the rename."""
     import jobs.ingest as job
 
-    fn = getattr(job, "_bench_original_ingest_task", job.ingest_task)  # in a worker: the unpatched one
-    start, cpu0 = time.time(), time.process_time()
-    result = fn(item, settings, staging)
-    record = {"task": item["task"], "images": json.loads(result["summary"])["read"], "start": start}
-    record.update(end=time.time(), cpu_s=time.process_time() - cpu0, pid=os.getpid())
-    folder = f"{staging}_bench"
+    fn = getattr(job, _bench["fn"])  # a worker imports jobs.ingest afresh: the job's own function
+    spent = dict.fromkeys(TASK_PHASES, 0.0)
+    originals = {name: getattr(job, name) for name in TASK_PHASES} if _bench["fn"] == "ingest_task" else {}
+
+    def timed(name: str, f: Any) -> Any:
+        def call(*args: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return f(*args, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+
+        return call
+
+    def items(*args: Any, **kw: Any) -> Any:  # time each step of the reading generator, not the consumer's
+        source = iter(originals["_items"](*args, **kw))
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(source)
+            except StopIteration:
+                spent["_items"] += time.perf_counter() - t
+                return
+            spent["_items"] += time.perf_counter() - t
+            yield item
+
+    for name, f in originals.items():
+        setattr(job, name, items if name == "_items" else timed(name, f))
+    try:
+        start, cpu0 = time.time(), time.process_time()
+        result = fn(row, **kwargs)
+        end, cpu_s = time.time(), time.process_time() - cpu0
+    finally:
+        for name, f in originals.items():
+            setattr(job, name, f)
+    record = {"fn": _bench["fn"], "desc": _bench["desc"], "start": start, "end": end, "cpu_s": cpu_s}
+    record["pid"] = os.getpid()
+    if _bench["fn"] == "ingest_task":
+        record.update(task=row["task"], images=json.loads(result["summary"])["read"], phases_s=spent)
+    folder = _bench["folder"]
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"task-{item['task']:07d}.json"), "w") as f:
+    with open(os.path.join(folder, f"{_bench['fn']}-{time.time_ns()}-{os.getpid()}.json"), "w") as f:
         json.dump(record, f)
     return result
 
 
+# Driver-side calls of jobs.ingest.run timed by instrumented_job (besides ray_map, which is timed per step).
+DRIVER_CALLS = ("list_tasks", "done_tasks", "init_ray", "remove", "write_index", "write_json", "mark_success")
+
+
 @contextlib.contextmanager
-def instrumented_job():
-    """Time each task of the job's process step by swapping jobs.ingest.ingest_task for a timing wrapper
-    while the run lasts (the repository's files are untouched)."""
+def instrumented_job(folder: Path, calls: list[dict[str, Any]]):
+    """While the run lasts (the repository's files are untouched): every map function the job hands to
+    jobs.ingest.ray_map runs through _timed_task (per-task records under `folder`), and each ray_map call and
+    each of DRIVER_CALLS made by the driver is appended to `calls` as {name, desc, start, end}."""
     from ray import cloudpickle
 
     import jobs.ingest as job
 
     if __name__ != "__main__":  # imported (benchmarks/ is not on the workers' path): ship the wrapper by value
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    job._bench_original_ingest_task = job.ingest_task
-    job.ingest_task = _timed_ingest_task
+    originals = {name: getattr(job, name) for name in ("ray_map", *DRIVER_CALLS)}
+
+    def timed(name: str, f: Any) -> Any:
+        def call(*args: Any, **kw: Any) -> Any:
+            start = time.time()
+            try:
+                return f(*args, **kw)
+            finally:
+                calls.append({"name": name, "desc": "", "start": start, "end": time.time()})
+
+        return call
+
+    def ray_map(fn: Any, rows: list[dict[str, Any]], kwargs: dict[str, Any], desc: str) -> list[dict[str, Any]]:
+        start, cpu0 = time.time(), time.process_time()
+        try:
+            bench = {"fn": fn.__name__, "desc": desc, "folder": str(folder)}
+            return originals["ray_map"](_timed_task, rows, {**kwargs, "_bench": bench}, desc)
+        finally:
+            call = {"name": "ray_map", "desc": desc, "start": start, "end": time.time(), "rows": len(rows)}
+            calls.append(call | {"driver_cpu_s": time.process_time() - cpu0})
+
+    job.ray_map = ray_map
+    for name in DRIVER_CALLS:
+        setattr(job, name, timed(name, originals[name]))
     try:
         yield
     finally:
-        job.ingest_task = job._bench_original_ingest_task
-        del job._bench_original_ingest_task
+        for name, f in originals.items():
+            setattr(job, name, f)
 
 
-def task_stats(records: list[dict], run_start: float, process_s: float, n: int) -> dict[str, Any]:
-    """Per-task timings of one job run -> utilisation of the Ray CPUs during the process phase."""
+def task_stats(records: list[dict], run_start: float, process_s: float, n: int, cpus: int) -> dict[str, Any]:
+    """Per-task timings of one job run's process step -> utilisation of the Ray CPUs during it."""
     if not records:
         return {}
     busy = sum(r["end"] - r["start"] for r in records)
+    phases = {name: sum(r["phases_s"][name] for r in records) for name in TASK_PHASES}
     return {
         "tasks": len(records),
         "worker_pids": len({r["pid"] for r in records}),
@@ -499,11 +645,13 @@ def task_stats(records: list[dict], run_start: float, process_s: float, n: int) 
         "last_task_end_s": max(r["end"] for r in records) - run_start,
         "task_wall_s": sorted(r["end"] - r["start"] for r in records),
         "task_busy_s": busy,
+        # Summed over tasks: the calls of TASK_PHASES, and the rest of the task (Arrow table, sort, staging write).
+        "phases_s": phases | {"staging write (table, sort, Parquet, rename)": busy - sum(phases.values())},
         "worker_cpu_s": sum(r["cpu_s"] for r in records),
         "worker_cpu_ms_per_image": 1000 * sum(r["cpu_s"] for r in records) / n,
         "worker_wall_ms_per_image": 1000 * busy / n,
         # Share of the Ray CPUs' time in the process phase spent inside process_task.
-        "process_utilisation": busy / (RAY_CPUS * process_s) if process_s > 0 else None,
+        "process_utilisation": busy / (cpus * process_s) if process_s > 0 else None,
         "timeline": [
             {"task": r["task"], "pid": r["pid"], "images": r["images"], "start_s": r["start"] - run_start}
             | {"end_s": r["end"] - run_start, "cpu_s": r["cpu_s"]}
@@ -512,12 +660,93 @@ def task_stats(records: list[dict], run_start: float, process_s: float, n: int) 
     }
 
 
-def run_job(source: Path, root: Path, files_per_task: int) -> dict[str, Any]:
+def _union(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the intervals."""
+    total, reach = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def map_steps(calls: list[dict], records: list[dict]) -> dict[str, dict[str, float]]:
+    """Each ray_map call of a run (process, dedup, publish) split into: launch (from the call to the first
+    task's start: Ray Data plans and starts the dataset, a worker picks the task up), tasks (time covered by
+    at least one task's map function), between (idle gaps between tasks: per-task scheduling, Ray Data's
+    block handling), collect (from the last task's end to the call's return)."""
+    out = {}
+    for call in (c for c in calls if c["name"] == "ray_map"):
+        mine = [(r["start"], r["end"], r["cpu_s"]) for r in records if r["desc"] == call["desc"]]
+        step = call["desc"].split(": ", 1)[-1]
+        wall = call["end"] - call["start"]
+        cpu = {"driver_cpu": call["driver_cpu_s"], "task_cpu": sum(c for _, _, c in mine)}
+        if not mine:
+            out[step] = {"wall": wall, "tasks": 0, "launch": 0.0, "in_tasks": 0.0, "between": 0.0, "collect": wall}
+            out[step] |= cpu
+            continue
+        first, last = min(a for a, _, _ in mine), max(b for _, b, _ in mine)
+        covered = _union([(a, b) for a, b, _ in mine])
+        out[step] = cpu | {
+            "wall": wall,
+            "tasks": len(mine),
+            "launch": first - call["start"],
+            "in_tasks": covered,
+            "task_sum": sum(b - a for a, b, _ in mine),
+            "between": (last - first) - covered,
+            "collect": call["end"] - last,
+        }
+    return out
+
+
+def breakdown(wall: float, run_start: float, timing: dict[str, float], calls: list[dict], steps: dict) -> dict:
+    """The wall time of one run() cut into consecutive parts that add up to it (seconds)."""
+
+    def spent(name: str, after: float = -math.inf, before: float = math.inf) -> float:
+        return sum(c["end"] - c["start"] for c in calls if c["name"] == name and after <= c["start"] < before)
+
+    begin = min((c["start"] for c in calls if c["name"] == "list_tasks"), default=run_start)
+    maps = {c["desc"].split(": ", 1)[-1]: c for c in calls if c["name"] == "ray_map"}
+    dedup_start = maps["dedup"]["start"] if "dedup" in maps else math.inf
+    publish_end = maps["publish"]["end"] if "publish" in maps else math.inf
+    parts: dict[str, float] = {"before list (key, is_complete)": begin - run_start, "list": timing["list"]}
+    for step in ("process", "dedup", "publish"):
+        s = steps.get(step, {})
+        parts[f"{step}: launch (to 1st task)"] = s.get("launch", 0.0)
+        parts[f"{step}: in tasks"] = s.get("in_tasks", 0.0)
+        parts[f"{step}: between tasks"] = s.get("between", 0.0)
+        parts[f"{step}: collect (after last task)"] = s.get("collect", 0.0)
+        step_total = timing[step] - s.get("wall", 0.0)
+        if step == "dedup":  # data/, rejects/, index.parquet removed before the dedup map
+            removes = spent("remove", after=begin, before=dedup_start)
+            parts["dedup: remove old data/, rejects/, index"] = removes
+            parts["dedup: driver (plan, counts)"] = step_total - removes
+        elif step == "publish":
+            index = spent("write_index", after=publish_end)
+            parts["publish: write index.parquet"] = index
+            parts["publish: driver (plan, index runs)"] = step_total - index
+        else:
+            parts["process: driver (init_ray, plan, summaries)"] = step_total
+    after = wall - (begin - run_start) - timing["total"]  # the manifest's total ends before the manifest
+    last = max((c["end"] for c in calls if c["name"] == "ray_map"), default=run_start)
+    parts["after: manifest.json"] = spent("write_json", after=last)
+    parts["after: _SUCCESS"] = spent("mark_success", after=last)
+    parts["after: remove _staging"] = spent("remove", after=last)
+    parts["after: the rest"] = after - sum(spent(n, after=last) for n in ("write_json", "mark_success", "remove"))
+    return parts
+
+
+def run_job(source: Path, root: Path, files_per_task: int, cpus: int = RAY_CPUS) -> dict[str, Any]:
+    """One timed run() on a fresh output root. On 1 CPU the CPU sampler looks once a second (it shares the
+    core with the job; Ray's processes outlive the run, so little is missed), else every 0.2 s."""
     from jobs.ingest import run
 
     shutil.rmtree(root, ignore_errors=True)
     cfg = load_config(PRESET, job_overrides(source, root, files_per_task))
-    with instrumented_job(), TreeCPU() as tree:
+    calls: list[dict[str, Any]] = []
+    bench_folder = Path(f"{root}_bench")
+    shutil.rmtree(bench_folder, ignore_errors=True)
+    with instrumented_job(bench_folder, calls), TreeCPU(1.0 if cpus == 1 else 0.2) as tree:
         busy0, run_start, start = machine_busy_seconds(), time.time(), time.perf_counter()
         manifest = run(cfg)
         wall = time.perf_counter() - start
@@ -525,25 +754,32 @@ def run_job(source: Path, root: Path, files_per_task: int) -> dict[str, Any]:
     busy = None if busy0 is None or busy1 is None else busy1 - busy0
     output = Path(manifest["output"])
     stored = sum(p.stat().st_size for p in (output / "data").rglob("*.parquet")) / 2**20
-    records = [json.loads(p.read_text()) for p in sorted((output / "_staging_bench").glob("task-*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(bench_folder.glob("*.json"))]
+    process_records = [r for r in records if r["fn"] == "ingest_task"]
     n = manifest["counts"]["read"]
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(bench_folder, ignore_errors=True)
+    steps = map_steps(calls, records)
     return {
         "wall_s": wall,
         "timing_s": manifest["timing_s"],
-        "tasks": task_stats(records, run_start, manifest["timing_s"]["process"], n),
+        "tasks": task_stats(process_records, run_start, manifest["timing_s"]["process"], n, cpus),
+        "steps_s": steps,
+        "breakdown_s": breakdown(wall, run_start, manifest["timing_s"], calls, steps),
         "counts": manifest["counts"],
         "cpu_s": tree.seconds,
+        "cpu_s_by_process": tree.by_kind,
+        "cpu_sampler_s": tree.sampler_cpu_s,
         "foreign_cpu_share": foreign_share(busy, tree.seconds, wall, len(available_cores())),
         "stored_mb": stored,
     }
 
 
-def start_ray() -> dict[str, Any]:
+def start_ray(cpus: int = RAY_CPUS) -> dict[str, Any]:
     import ray
 
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     import ray.data  # configures its loggers on import
 
     # Console only (the file log under /tmp/ray stays as it is): Ray Data prints INFO lines per dataset run.
@@ -553,7 +789,7 @@ def start_ray() -> dict[str, Any]:
     return {"init_s": time.perf_counter() - start, "cpus": ray.cluster_resources().get("CPU")}
 
 
-def warm_up(paths: list[str], n: int) -> float:
+def warm_up(paths: list[str], n: int, cpus: int = RAY_CPUS) -> float:
     """One untimed job on n images (links into a scratch folder): Ray starts its workers, which import the job."""
     folder = DATA / "runs" / "warmup-source"
     shutil.rmtree(folder, ignore_errors=True)
@@ -561,9 +797,153 @@ def warm_up(paths: list[str], n: int) -> float:
     for path in paths[:n]:
         (folder / Path(path).name).symlink_to(path)
     start = time.perf_counter()
-    run_job(folder, DATA / "runs" / "warmup", choose_files_per_task(n, n, RAY_CPUS))
+    run_job(folder, DATA / "runs" / "warmup", choose_files_per_task(n, n, cpus), cpus)
     shutil.rmtree(folder, ignore_errors=True)
     return time.perf_counter() - start
+
+
+# -- equal resources: the job on 1 CPU against the bare loop on 1 core -----------------------------
+
+
+def tree_affinity() -> dict[str, list[int]]:
+    """The CPU affinity of this process and every descendant, by process kind (as TreeCPU names them)."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[str, set[int]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            out.setdefault(TreeCPU.kind(proc, me.pid), set()).update(proc.cpu_affinity())
+    return {kind: sorted(cpus) for kind, cpus in sorted(out.items())}
+
+
+def _equal_session(source: str, paths: list[str], root: str, files_per_task: int, core: int, warm_n: int) -> dict:
+    """Child process: a Ray of its own with num_cpus=1, and every process of it (this driver, GCS, raylet,
+    workers) pinned to `core`: the affinity is set before ray.init and inherited by everything Ray starts.
+    Ray is started and warmed up (one untimed job) before the timed run, then shut down."""
+    os.sched_setaffinity(0, {core})
+    import ray
+
+    info = start_ray(1)
+    warm = warm_up(paths, warm_n, 1)
+    job = run_job(Path(source), Path(root), files_per_task, cpus=1)
+    affinity = tree_affinity()
+    ray.shutdown()
+    return {"ray": info, "warmup_s": warm, "job": job, "affinity": affinity}
+
+
+def wait_quiet(limit_s: float, share: float = 0.25, window_s: float = 2.0) -> float | None:
+    """Wait (at most limit_s) for a window in which the machine is busy less than `share` of its cores;
+    returns the busy share of the last window (None without /proc/stat)."""
+    deadline = time.monotonic() + limit_s
+    cores = len(available_cores())
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(window_s)
+        b1 = machine_busy_seconds()
+        if b0 is None or b1 is None:
+            return None
+        busy = (b1 - b0) / (window_s * cores)
+        if busy < share or time.monotonic() >= deadline:
+            return busy
+
+
+def run_equal(info: dict, overrides: list[str], files_per_task: int, core: int, repeats: int, quiet_s: float) -> list:
+    """`repeats` pairs, each the bare loop on `core` and right after it a fresh 1-CPU Ray session pinned to
+    the same core running the job once (after its warm-up), with the load average before and after."""
+    runs_dir = DATA / "runs"
+    pairs = []
+    for rep in range(repeats):
+        idle = wait_quiet(quiet_s) if quiet_s > 0 else None
+        load0 = loadavg()
+        bare = run_bare(info["paths"], overrides, runs_dir / "equal-bare", core)
+        warm_n = min(info["n"], WARM_N)
+        args = (info["folder"], info["paths"], str(runs_dir / "equal-job"), files_per_task, core, warm_n)
+        with mp.get_context("spawn").Pool(1) as pool:
+            session = pool.apply(_equal_session, args)
+        load1 = loadavg()
+        job = session["job"]
+        ratio = bare["wall_s"] / job["wall_s"]
+        pairs.append(
+            {"bare": bare, **session, "ratio": ratio, "loadavg_before": load0, "loadavg_after": load1}
+            | {"busy_share_before": idle}
+        )
+        t = job["timing_s"]
+        print(
+            f"  pair {rep + 1}: bare {bare['wall_s']:.2f} s ({bare['images_per_s']:.1f} img/s), "
+            f"job {job['wall_s']:.2f} s"
+            f" (list {t['list']:.2f}, process {t['process']:.2f}, dedup {t['dedup']:.2f}, publish {t['publish']:.2f})"
+            f", ratio {ratio:.3f}; foreign bare {pct(bare['foreign_cpu_share'])} job {pct(job['foreign_cpu_share'])}"
+            f"; load {load0[0]} -> {load1[0]}",
+            flush=True,
+        )
+    return pairs
+
+
+def equal_table(title: str, n: int, pairs: list[dict]) -> str:
+    headers = ["mix", "n", "pairs", "bare img/s (1 core) min/med", "job img/s (1 CPU) min/med", "ratio min/med/max"]
+    headers += ["process-step ratio med", "CPU ratio med", "load avg 1-min before -> after (each pair)"]
+    ratios = sorted(p["ratio"] for p in pairs)
+    bare = sorted(n / p["bare"]["wall_s"] for p in pairs)
+    job = sorted(n / p["job"]["wall_s"] for p in pairs)
+    proc = sorted(p["bare"]["wall_s"] / p["job"]["timing_s"]["process"] for p in pairs)
+    cpu = sorted(p["bare"]["cpu_s"] / p["job"]["cpu_s"] for p in pairs if p["job"]["cpu_s"])
+    loads = ", ".join(f"{p['loadavg_before'][0]}->{p['loadavg_after'][0]}" for p in pairs)
+    med = statistics.median
+    row = [title, n, len(pairs), f"{bare[0]:.1f}/{med(bare):.1f}", f"{job[0]:.1f}/{med(job):.1f}"]
+    row += [f"{ratios[0]:.3f}/{med(ratios):.3f}/{ratios[-1]:.3f}", f"{med(proc):.3f}"]
+    row += [f"{med(cpu):.3f}" if cpu else "n/a", loads]
+    return format_table(headers, [row])
+
+
+def equal_breakdown_table(pair: dict, n: int) -> str:
+    """The median pair's job wall time, part by part, next to the bare loop's."""
+    job, bare = pair["job"], pair["bare"]
+    wall = job["wall_s"]
+
+    def line(label: str, s: float) -> list[str]:
+        return [label, f"{s:.3f}", f"{100 * s / wall:.1f}%", f"{1000 * s / n:.3f}"]
+
+    body = [line(part, s) for part, s in job["breakdown_s"].items()]
+    body.append(line("sum of the parts", sum(job["breakdown_s"].values())))
+    body.append(line("job wall (run())", wall))
+    body.append(line("bare loop wall (same images, same core)", bare["wall_s"]))
+    return format_table(["part of the job's wall time", "s", "share", "ms/img"], body)
+
+
+def equal_steps_table(pair: dict) -> str:
+    """Each Ray Data step: wall, tasks, CPU inside the tasks and CPU of the driver (all its threads) meanwhile."""
+    body = []
+    for step, s in pair["job"]["steps_s"].items():
+        row = [step, f"{s['wall']:.3f}", s["tasks"], f"{s['in_tasks']:.3f}", f"{s['task_cpu']:.3f}"]
+        body.append([*row, f"{s['driver_cpu']:.3f}"])
+    headers = ["Ray Data step", "wall s", "tasks", "in tasks s", "task CPU s", "driver CPU s meanwhile"]
+    return format_table(headers, body)
+
+
+def equal_task_table(pair: dict, n: int) -> str:
+    """Inside the process tasks (summed over tasks) against the same work in the bare loop."""
+    ts, bare = pair["job"]["tasks"], pair["bare"]
+
+    def line(label: str, s: float) -> list[str]:
+        return [label, f"{s:.3f}", f"{1000 * s / n:.3f}"]
+
+    names = {"_items": "read the source (_items)", "process_image": "process_image", "_record": "records (_record)"}
+    names["summarize"] = "summary (summarize)"
+    body = [line(names.get(part, part), s) for part, s in ts["phases_s"].items()]
+    body.append(line("all tasks (in the map function)", ts["task_busy_s"]))
+    body.append(line("bare loop: process_image", bare["process_image_s"]))
+    body.append(line("bare loop: the rest (read, records, Parquet)", bare["wall_s"] - bare["process_image_s"]))
+    body.append(line("bare loop: wall", bare["wall_s"]))
+    return format_table(["inside the process tasks", "s", "ms/img"], body)
+
+
+def equal_cpu_table(pair: dict) -> str:
+    job, bare = pair["job"], pair["bare"]
+    body = [[kind, f"{s:.3f}", pct(s / job["wall_s"])] for kind, s in (job["cpu_s_by_process"] or {}).items()]
+    body.append(["all (job)", f"{job['cpu_s'] or 0:.3f}", pct((job["cpu_s"] or 0) / job["wall_s"])])
+    body.append(["bare loop", f"{bare['cpu_s']:.3f}", pct(bare["cpu_s"] / bare["wall_s"])])
+    return format_table(["CPU of", "CPU s", "of wall"], body)
 
 
 # -- profile ---------------------------------------------------------------------------------------
@@ -727,9 +1107,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each measurement (median reported)")
     parser.add_argument("--profile-n", type=int, default=None, help="images per mix to cProfile (0: skip)")
     parser.add_argument("--files-per-task", type=int, default=None, help="override the job's files_per_task")
+    parser.add_argument("--equal-only", action="store_true", help="only the equal-resources row (web mix, 1 CPU)")
+    parser.add_argument("--equal-repeats", type=int, default=3, help="bare/job pairs of the equal-resources row")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each equal-resources pair, wait up to this many s for"
+        " a 2 s window with the machine less than 25%% busy",
+    )
     args = parser.parse_args()
     n = args.n or (300 if args.quick else 2000)
-    profile_n = args.profile_n if args.profile_n is not None else (100 if args.quick else 300)
+    default_profile_n = 0 if args.equal_only else 100 if args.quick else 300
+    profile_n = args.profile_n if args.profile_n is not None else default_profile_n
+    mixes = MIXES[:1] if args.equal_only else MIXES
     started = time.perf_counter()
     cores = available_cores()
     env = environment()
@@ -737,6 +1128,7 @@ def main() -> None:
     base = load_config(PRESET, [f"ingest.source={DATA}"])
     default_fpt, store_cap = base.ingest.files_per_task, base.ingest.store_max_pixels
     files_per_task = args.files_per_task or choose_files_per_task(n, default_fpt, RAY_CPUS)
+    equal_fpt = args.files_per_task or choose_files_per_task(n, default_fpt, 1)
 
     print(f"ViTok-v2 ingest benchmark ({'quick' if args.quick else 'full'}, {n} images per mix)  {env['date']}")
     print(f"cpu: {env['cpu']}  cores: {env['cores']}  python {env['python']}")
@@ -765,7 +1157,7 @@ def main() -> None:
     print(f"  resized with Lanczos to a drawn size, saved as JPEG quality {JPEG_QUALITY} (4:2:0, no EXIF), seed {SEED}")
     print(f"  aspects (weight): {' '.join(f'{a}({w:g})' for a, _, w in ASPECTS)}")
     image_sets = {}
-    for mix in MIXES:
+    for mix in mixes:
         info = prepare_images(mix, n, names, workers=min(2, len(cores)))
         info["over_store_cap"] = sum(w * h > store_cap for w, h in info["sizes"])
         image_sets[mix.name] = info
@@ -790,7 +1182,7 @@ def main() -> None:
     rules = rules_from(ingest_settings(base))
     profiles = {}
     if profile_n > 0:
-        for mix in MIXES:
+        for mix in mixes:
             paths = image_sets[mix.name]["paths"]
             step = max(1, len(paths) // profile_n)
             profiles[mix.name] = profile_mix(paths[::step][:profile_n], rules)
@@ -798,9 +1190,26 @@ def main() -> None:
         print(profile_table(profiles))
         print()
 
-    # 3. bare loops (before Ray starts, so its idle processes do not share the core)
+    # 3. equal resources: the job on 1 CPU (its own Ray, pinned) against the bare loop on the same core
     runs_dir = DATA / "runs"
     pin = cores[0]
+    web = image_sets[MIXES[0].name]
+    print(
+        f"Equal resources, {MIXES[0].title}: {args.equal_repeats} pair(s) of the bare loop on CPU {pin}, then a Ray"
+        f" session of its own (num_cpus=1; driver, GCS, raylet and workers all pinned to CPU {pin}), warm-up job,"
+        f" then the timed job (files_per_task {equal_fpt}: {len(task_sizes(n, equal_fpt))} tasks)",
+        flush=True,
+    )
+    overrides = job_overrides(Path(web["folder"]), runs_dir, equal_fpt)
+    equal = run_equal(web, overrides, equal_fpt, pin, args.equal_repeats, args.quiet_wait)
+    equal_median = pick_median(equal, "ratio")
+    print()
+    report_equal(equal, equal_median, n, MIXES[0].title)
+    if args.equal_only:
+        finish(args, env, started, n, image_sets, names, profiles, {"equal": equal_summary(equal, n, equal_fpt)})
+        return
+
+    # 4. bare loops (before Ray starts, so its idle processes do not share the core)
     bare: dict[str, list[dict]] = {m.name: [] for m in MIXES}
     print(f"Bare loop: one process pinned to CPU {pin}, {args.repeats} run(s) per mix", flush=True)
     for rep in range(args.repeats):
@@ -823,11 +1232,11 @@ def main() -> None:
             )
     print()
 
-    # 4. Ray job
+    # 5. Ray job
     ray_info = start_ray()
     print(f"Ray: ray.init(num_cpus={RAY_CPUS}, include_dashboard=False) took {ray_info['init_s']:.1f} s", flush=True)
-    warm = warm_up(image_sets[MIXES[0].name]["paths"], min(n, 32))
-    print(f"  warm-up job on {min(n, 32)} images (untimed in the results): {warm:.1f} s", flush=True)
+    warm = warm_up(image_sets[MIXES[0].name]["paths"], min(n, WARM_N))
+    print(f"  warm-up job on {min(n, WARM_N)} images (untimed in the results): {warm:.1f} s", flush=True)
     jobs: dict[str, list[dict]] = {m.name: [] for m in MIXES}
     for rep in range(args.repeats):
         for mix in MIXES:
@@ -844,7 +1253,7 @@ def main() -> None:
     shutil.rmtree(runs_dir, ignore_errors=True)
     print()
 
-    # 5. results
+    # 6. results
     rows = []
     for mix in MIXES:
         info = image_sets[mix.name]
@@ -899,16 +1308,76 @@ def main() -> None:
     print("  task start/end times are relative to the start of run(); 'Ray CPUs busy' = sum of task wall times /")
     print(f"  ({RAY_CPUS} x process s); worker ms/img = summed over tasks / n")
 
+    print()
+    report_equal(equal, equal_median, n, MIXES[0].title)  # again, next to the 2-CPU tables
+    extra = {
+        "repeats": args.repeats,
+        "config": {"preset": PRESET, "store_max_pixels": store_cap, "files_per_task": files_per_task},
+        "ray": {**ray_info, "warmup_s": warm},
+        "results": rows,
+        "goals_met": all_met,
+        "equal": equal_summary(equal, n, equal_fpt),
+    }
+    finish(args, env, started, n, image_sets, names, profiles, extra)
+
+
+def equal_summary(pairs: list[dict], n: int, files_per_task: int) -> dict[str, Any]:
+    ratios = [p["ratio"] for p in pairs]
+    return {
+        "mix": MIXES[0].name,
+        "n": n,
+        "files_per_task": files_per_task,
+        "ratio_min": min(ratios),
+        "ratio_median": statistics.median(ratios),
+        "ratio_max": max(ratios),
+        "goal_met": statistics.median(ratios) >= 0.85,
+        "pairs": pairs,
+    }
+
+
+def report_equal(pairs: list[dict], median: dict, n: int, title: str) -> None:
+    print(f"Table E1: equal resources, the job on 1 CPU against the bare loop on 1 core ({len(pairs)} pair(s))")
+    print(equal_table(title, n, pairs))
+    print("  bare: the bare loop pinned to one core; job: jobs.ingest.run on a Ray of its own (num_cpus=1) whose")
+    print("  every process (driver, GCS, raylet, workers) is pinned to that same core; Ray's start and one warm-up")
+    print("  job are untimed. ratio = job img/s / bare img/s = bare wall / job wall (goal >= 0.85);")
+    print("  process-step ratio = bare wall / the manifest's timing_s.process; CPU ratio = the bare loop's CPU")
+    print("  seconds / the job's (driver + every Ray process). Pairs run one after the other.")
+    met = statistics.median(p["ratio"] for p in pairs) >= 0.85
+    print(f"  goal (median ratio >= 0.85): {'met' if met else 'NOT met'}")
+    affinity = ", ".join(f"{k} {v}" for k, v in median["affinity"].items())
+    print(f"  affinity seen after the timed job: {affinity}")
+    print()
+    print(f"Table E2: where the job's wall time goes (the pair with the median ratio, {median['ratio']:.3f})")
+    print(equal_breakdown_table(median, n))
+    print("  consecutive parts of run(): each Ray Data step (ray_map) as launch (call -> first task starts), in")
+    print("  tasks (inside the map function), between tasks (gaps: scheduling, Ray Data block handling), collect")
+    print("  (last task ends -> call returns); driver = the step's time outside its ray_map; the manifest's")
+    print("  timing_s gives list and the step totals, the benchmark's wrappers the rest")
+    print()
+    print(equal_steps_table(median))
+    print("  driver CPU: the driver process's CPU time (every thread: Ray Data's executor, the CPU sampler) while")
+    print("  the step ran; on one core it is time the worker could not run")
+    print()
+    print("Table E3: inside the process tasks (summed over tasks), against the bare loop")
+    print(equal_task_table(median, n))
+    print()
+    print("Table E4: CPU seconds of the job's processes during run(), against the bare loop")
+    print(equal_cpu_table(median))
+    sampler = median["job"]["cpu_sampler_s"]
+    print(f"  sampled with psutil once a second; the sampling thread ({sampler or 0:.3f} s) is in the driver's share")
+    print()
+
+
+def finish(args: Any, env: dict, started: float, n: int, image_sets: dict, names: list, profiles: dict, extra: dict):
     runtime = time.perf_counter() - started
     env["loadavg_end"] = loadavg()
     env["sources_end"] = source_fingerprint()
     changed = [k for k, v in env["sources_start"].items() if env["sources_end"].get(k) != v]
     env["sources_changed"] = changed
-    print()
     print(f"runtime {runtime:.1f} s; load average at end (1/5/15 min): {env['loadavg_end']}")
     if changed:
         print(f"WARNING: {', '.join(changed)} changed during the run: the measurements mix code versions; rerun")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     for info in image_sets.values():
         info.pop("paths")
         info.pop("sizes")
@@ -916,17 +1385,15 @@ def main() -> None:
         "environment": env,
         "quick": args.quick,
         "n": n,
-        "repeats": args.repeats,
         "runtime_s": runtime,
-        "config": {"preset": PRESET, "store_max_pixels": store_cap, "files_per_task": files_per_task},
         "images": {"photos": names, "seed": SEED, "recipe": RECIPE, "quality": JPEG_QUALITY, "sets": image_sets},
-        "ray": {**ray_info, "warmup_s": warm},
         "profile": profiles,
-        "results": rows,
-        "goals_met": all_met,
+        **extra,
     }
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    path = RESULTS.with_name("bench_ingest_equal.json") if args.equal_only else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

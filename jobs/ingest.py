@@ -22,18 +22,24 @@ How it runs, and why it survives a crash:
   3. dedup: identical bytes always land in the same bucket, so exact duplicates (same SHA-256 of the
      source bytes) are found per bucket (split by id into shards of at most DEDUP_ROWS ids), reading only
      the id/source columns of that bucket's row groups. The copy with the smallest source URI is kept, so
-     the choice is deterministic; the others are written to rejects/ as `duplicate`.
-  4. publish: one Ray task per output file copies a bucket's rows from a run of consecutive task files
-     (at most `rows_per_file` rows) to data/bucket=RxC/, leaving out the duplicates, its rows sorted by
-     their buckets at the later budgets (then id), and returns the file's runs for the index; rejects go
-     to rejects/. Then index.parquet, manifest.json, _SUCCESS, and the staging area is deleted. A crash in
-     steps 3-4 leaves no _SUCCESS; the rerun deletes data/, rejects/ and the index and redoes those steps.
+     the choice is deterministic; the others are written to rejects/ as `duplicate`. A bucket small
+     enough for one output file (at most `rows_per_file` rows) is also published in this step, by the
+     task that deduplicates it (several such buckets a task, finish_plan): its rows are read once. The
+     rejects are published here too.
+  4. publish: one Ray task per output file of the larger buckets copies a bucket's rows from a run of
+     consecutive task files (at most `rows_per_file` rows) to data/bucket=RxC/, leaving out the
+     duplicates. Either way a data file's rows are sorted by their buckets at the later budgets (then
+     id), and its task returns the file's runs for the index; the files, rows and order do not depend on
+     which step wrote them. Then index.parquet, manifest.json, _SUCCESS, and the staging area is deleted.
+     A crash in steps 3-4 leaves no _SUCCESS; the rerun deletes data/, rejects/ and the index and redoes
+     those steps.
 Every step is a plain copy of bytes already encoded: no shuffle of image bytes through the object store.
 The driver holds one small summary (counts) per task and the plans; never image records or ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from jobs.common import init_ray, parse_config, retry_transient_tasks, setup_logging
@@ -101,6 +108,44 @@ def compression(schema: pa.Schema) -> dict[str, str]:
     """Snappy for every column but the encoded images: on JPEG/WebP bytes it saved nothing and cost
     0.25-0.74 ms per image per write (measured on this project's 2-core machine)."""
     return {name: "NONE" if name == "bytes" else "SNAPPY" for name in schema.names}
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """Writer options of every Parquet file ingest writes: `compression`, and neither a dictionary nor
+    statistics for the encoded images. A column chunk of fewer rows than the writer's batch (1024) was
+    dictionary-encoded whole: every image hashed and copied into one dictionary page (the values read back
+    are the same either way), and an image's min/max statistics, over the 4 KB Parquet keeps, were computed
+    and dropped."""
+    others = [name for name in schema.names if name != "bytes"]
+    return {"compression": compression(schema), "use_dictionary": others, "write_statistics": others}
+
+
+@contextlib.contextmanager
+def _parquet_sink(uri: str) -> Iterator[Any]:
+    """Where pyarrow writes a Parquet file at `uri` (its folder made): a local path, which pyarrow writes
+    itself, else an fsspec file (S3). Through a Python file object every page is copied once more."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    if _is_local(fs):
+        yield path
+    else:
+        with fs.open(path, "wb") as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _parquet_source(uri: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file at `uri` to read: opened by pyarrow itself when local, else through fsspec."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if _is_local(fs):
+        yield pq.ParquetFile(path)
+    else:
+        with fs.open(path, "rb") as f:
+            yield pq.ParquetFile(f)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
 
 
 def row_schema(budgets: list[int]) -> pa.Schema:
@@ -303,14 +348,16 @@ def process_task(item: dict[str, Any], settings: dict[str, Any], staging: str, r
             outcome = process_image(data, rules)
         records.append(_record(source, label, outcome, budgets))
     schema = row_schema(budgets)
-    table = pa.Table.from_pylist(records, schema=schema).sort_by([("bucket", "ascending"), ("id", "ascending")])
-    fs, path = fsspec.core.url_to_fs(task_file(staging, item["task"]))
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema, compression=compression(schema)) as writer:
+    # Sorted as records (Python's sort is stable, as Arrow's): a sort of the table would copy the image bytes.
+    records.sort(key=lambda r: (r["bucket"], r["id"]))
+    table = pa.Table.from_pylist(records, schema=schema)
+    del records
+    uri, tmp = task_file(staging, item["task"]), f".tmp-{uuid.uuid4().hex}"
+    with _parquet_sink(uri + tmp) as f, pq.ParquetWriter(f, schema, **parquet_options(schema)) as writer:
         for bucket_rows in _runs_of_bucket(table):  # no row group spans two buckets
             writer.write_table(bucket_rows, row_group_size=ROWS_PER_GROUP)
-    fs.mv(tmp, path)
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.mv(path + tmp, path)
     return summarize(table, budgets)
 
 
@@ -326,6 +373,7 @@ def _runs_of_bucket(table: pa.Table) -> Iterator[pa.Table]:
 
 def summarize(table: pa.Table, budgets: list[int]) -> dict[str, Any]:
     """Counts of one task: read, accepted, rejected by reason, accepted per bucket at each budget."""
+    table = table.select(["accepted", "reason", *(f"bucket_{t}" for t in budgets)])  # filters copy no bytes
     accepted = table.filter(table["accepted"])
     rejected = table.filter(pc.invert(table["accepted"]))
     return {
@@ -360,18 +408,35 @@ def done_tasks(staging: str) -> set[int]:
 
 
 def read_bucket(path: str, bucket: str, columns: list[str]) -> pa.Table:
-    """The rows of one staging file whose first-budget bucket is `bucket` ("" = rejects). Only the row
-    groups whose min/max statistics can hold it are read: the file is sorted by bucket."""
-    with fsspec.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        index = parquet.schema_arrow.get_field_index("bucket")
-        groups = []
-        for g in range(parquet.metadata.num_row_groups):
-            stats = parquet.metadata.row_group(g).column(index).statistics
-            if stats is None or not stats.has_min_max or stats.min <= bucket <= stats.max:
+    """The rows of one staging file whose first-budget bucket is `bucket` ("" = rejects)."""
+    return read_buckets(path, [bucket], columns)
+
+
+def read_buckets(path: str, buckets: list[str], columns: list[str]) -> pa.Table:
+    """The rows of one staging file whose first-budget bucket is one of `buckets`, in file order. Only the
+    row groups whose min/max statistics can hold one are read (the file is sorted by bucket, one bucket per
+    row group), and the rows are filtered only when some row group's statistics do not show it holds a
+    wanted bucket alone."""
+    with _parquet_source(path) as parquet:
+        return _read_groups(parquet, set(buckets), columns)
+
+
+def _read_groups(parquet: pq.ParquetFile, wanted: set[str], columns: list[str]) -> pa.Table:
+    """read_buckets on an open staging file."""
+    index = parquet.schema_arrow.get_field_index("bucket")
+    groups, exact = [], True
+    for g in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(g).column(index).statistics
+        if stats is not None and stats.has_min_max and stats.min == stats.max:
+            if stats.min in wanted:
                 groups.append(g)
-        table = parquet.read_row_groups(groups, columns=list(dict.fromkeys([*columns, "bucket"])))
-    return table.filter(pc.equal(table["bucket"], bucket)).select(columns)
+        elif stats is None or not stats.has_min_max or any(stats.min <= b <= stats.max for b in wanted):
+            groups.append(g)
+            exact = False
+    table = parquet.read_row_groups(groups, columns=list(dict.fromkeys([*columns, "bucket"])))
+    if not exact:
+        table = table.filter(pc.is_in(table["bucket"], value_set=pa.array(sorted(wanted), pa.string())))
+    return table.select(columns)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,36 +463,123 @@ def dedup_plan(summaries: dict[int, dict[str, Any]], budgets: list[int]) -> list
     return jobs
 
 
+def finish_plan(
+    summaries: dict[int, dict[str, Any]], budgets: list[int], rows_per_file: int, cpus: int
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """Step 3's jobs, and the buckets left to step 4.
+
+    A bucket of at most `rows_per_file` rows (and DEDUP_ROWS) has one dedup shard and one output file, so
+    one task can find its duplicates and write its file: "buckets" jobs, each a run of such buckets (in
+    bucket order) of at most `limit` rows, rows_per_file or less, so that each of `cpus` CPUs gets a job
+    where the rows allow. A larger bucket is deduplicated here ("dedup", dedup_plan's shards) and published
+    in step 4, which needs every shard's duplicates. The rejects (a duplicate is written by its dedup) are
+    published here too. The output does not depend on `cpus`, only which task writes which file."""
+    first = str(budgets[0])
+    holders: dict[str, list[int]] = defaultdict(list)
+    totals: Counter = Counter()
+    for task in sorted(summaries):
+        for bucket, n in summaries[task]["per_bucket"][first].items():
+            holders[bucket].append(task)
+            totals[bucket] += n
+    small = [b for b in sorted(holders) if totals[b] <= min(rows_per_file, DEDUP_ROWS)]
+    limit = max(1, min(rows_per_file, math.ceil(sum(totals[b] for b in small) / max(1, cpus))))
+    runs: list[list[str]] = []
+    rows = limit
+    for bucket in small:
+        if rows + totals[bucket] > limit:
+            runs.append([])
+            rows = 0
+        runs[-1].append(bucket)
+        rows += totals[bucket]
+    jobs = [{"kind": "buckets", "buckets": r, "tasks": sorted({t for b in r for t in holders[b]})} for r in runs]
+    large = set(holders) - set(small)
+    jobs += [{"kind": "dedup", **j} for j in dedup_plan(summaries, budgets) if j["bucket"] in large]
+    return [*jobs, *rejects_plan(summaries)], large
+
+
+def finish_task(row: dict[str, Any], staging: str, out: str, budgets: list[int], rows_per_file: int) -> dict:
+    """Ray Data map function of step 3: one job of finish_plan. Its result: the rows and index runs of the
+    data files it wrote, and the duplicates it found."""
+    job = json.loads(row["job"])
+    if job["kind"] == "dedup":
+        result = {"kind": "dedup", "rows": 0, "index": "", "duplicates": [_dedup(job, staging, out, budgets)]}
+    elif job["kind"] == "rejects":
+        result = {**publish_part(row, staging, out, budgets, rows_per_file), "duplicates": []}
+    else:
+        result = publish_buckets(job, staging, out, budgets, rows_per_file)
+    return {"result": json.dumps(result)}
+
+
+def _repeats(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, repeat, kept) of the rows of `table` (columns id, source): `order` sorts them by (id, source),
+    `repeat[i]` says the i-th row in that order has the id of the one before, and `kept` gives, for each
+    repeated row, the position in that order of the first row of its id: the copy that is kept."""
+    order = pc.sort_indices(table, sort_keys=[("id", "ascending"), ("source", "ascending")]).to_numpy()
+    ids = table["id"].take(order).to_numpy(zero_copy_only=False)
+    repeat = np.zeros(len(ids), dtype=bool)
+    repeat[1:] = ids[1:] == ids[:-1]
+    first = np.where(repeat, 0, np.arange(len(ids)))
+    return order, repeat, np.maximum.accumulate(first)[repeat]
+
+
+def _duplicates(dups: pa.Table, kept: pa.Array, out: str, bucket: str, shard: int, budgets: list[int]) -> dict:
+    """Write the duplicates of one (bucket, shard) to rejects/ (rows in (id, source) order, each naming the
+    copy that was kept) and return dedup's result for it."""
+    result = {"bucket": bucket, "duplicates": dups.num_rows, "file": ""}
+    result["per_bucket"] = {str(t): dict(Counter(dups[f"bucket_{t}"].to_pylist())) for t in budgets}
+    if dups.num_rows:
+        detail = pc.binary_join_element_wise("same bytes as ", kept, "")
+        reason = pa.array(["duplicate"] * dups.num_rows, pa.string())
+        dups = dups.append_column("reason", reason).append_column("detail", detail)
+        result["file"] = duplicates_file(out, bucket, shard)
+        _write(result["file"], dups.select(REJECT_COLUMNS))
+    return result
+
+
+def publish_buckets(job: dict[str, Any], staging: str, out: str, budgets: list[int], rows_per_file: int) -> dict:
+    """Step 3 for a run of small buckets (finish_plan): for each bucket, what _dedup and then publish_part
+    do (same files, rows and order), from its rows read once; each staging file is opened once. One bucket
+    at a time: the task holds one bucket's rows, not the run's."""
+    dup_columns = ["id", "source", "label", "orig_width", "orig_height", *(f"bucket_{t}" for t in budgets)]
+    duplicates, rows, index = [], 0, {}
+    with contextlib.ExitStack() as files:
+        parquets = [files.enter_context(_parquet_source(task_file(staging, t))) for t in job["tasks"]]
+        for bucket in job["buckets"]:
+            table = pa.concat_tables([_read_groups(p, {bucket}, data_columns(budgets)) for p in parquets])
+            table = table.combine_chunks()  # one chunk: a take from many chunks of binary is several times slower
+            order, repeat, kept = _repeats(table.select(["id", "source"]))
+            dups = table.select(dup_columns).take(pa.array(order[repeat], pa.int64()))
+            if dups.num_rows:
+                kept_sources = table["source"].take(pa.array(order[kept], pa.int64()))
+                duplicates.append(_duplicates(dups, kept_sources, out, bucket, 0, budgets))
+            dropped = dups["source"].combine_chunks()
+            written, runs = _publish_rows(table, dropped, bucket, 0, out, budgets, rows_per_file)
+            rows += written
+            index.update(runs)
+    return {"kind": "data", "rows": rows, "index": json.dumps(index), "duplicates": duplicates}
+
+
 def duplicates_file(out: str, bucket: str, shard: int) -> str:
     return join(out, "rejects", f"duplicates-{bucket}-{shard:04d}.parquet")
 
 
 def dedup_shard(row: dict[str, Any], staging: str, out: str, budgets: list[int]) -> dict[str, Any]:
-    """Ray Data map function of step 3: of each set of rows with the same id, keep the smallest source URI;
-    the others go to rejects/ as `duplicate`, naming the copy that was kept."""
-    job = json.loads(row["job"])
+    """Map function of one dedup job (its result as JSON): see _dedup."""
+    return {"result": json.dumps(_dedup(json.loads(row["job"]), staging, out, budgets))}
+
+
+def _dedup(job: dict[str, Any], staging: str, out: str, budgets: list[int]) -> dict[str, Any]:
+    """One (bucket, id shard): of each set of rows with the same id, keep the smallest source URI; the
+    others go to rejects/ as `duplicate`, naming the copy that was kept."""
     columns = ["id", "source", "label", "orig_width", "orig_height", *(f"bucket_{t}" for t in budgets)]
     table = pa.concat_tables([read_bucket(task_file(staging, t), job["bucket"], columns) for t in job["tasks"]])
     if job["shards"] > 1:
         keep = [int(i[:8], 16) % job["shards"] == job["shard"] for i in table["id"].to_pylist()]
         table = table.filter(pa.array(keep, pa.bool_()))
-    table = table.sort_by([("id", "ascending"), ("source", "ascending")])
-    ids = table["id"].to_numpy(zero_copy_only=False)
-    repeat = np.zeros(len(ids), dtype=bool)
-    repeat[1:] = ids[1:] == ids[:-1]
-    result = {"bucket": job["bucket"], "duplicates": int(repeat.sum()), "file": ""}
-    result["per_bucket"] = {str(t): {} for t in budgets}
-    if repeat.any():
-        first = np.where(repeat, 0, np.arange(len(ids)))
-        kept = pc.take(table["source"], pa.array(np.maximum.accumulate(first)[repeat]))
-        dups = table.filter(pa.array(repeat))
-        result["per_bucket"] = {str(t): dict(Counter(dups[f"bucket_{t}"].to_pylist())) for t in budgets}
-        detail = pc.binary_join_element_wise("same bytes as ", kept, "")
-        n = dups.num_rows
-        dups = dups.append_column("reason", pa.array(["duplicate"] * n, pa.string())).append_column("detail", detail)
-        result["file"] = duplicates_file(out, job["bucket"], job["shard"])
-        _write(result["file"], dups.select(REJECT_COLUMNS))
-    return {"result": json.dumps(result)}
+    order, repeat, kept = _repeats(table.select(["id", "source"]))
+    dups = table.take(pa.array(order[repeat], pa.int64()))
+    kept_sources = table["source"].take(pa.array(order[kept], pa.int64()))
+    return _duplicates(dups, kept_sources, out, job["bucket"], job["shard"], budgets)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,10 +589,8 @@ REJECT_ROWS = 1_000_000  # rejects hold no bytes: large files
 
 
 def _write(uri: str, table: pa.Table, rows_per_group: int = ROWS_PER_GROUP) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=rows_per_group, compression=compression(table.schema))
+    with _parquet_sink(uri) as f:
+        pq.write_table(table, f, row_group_size=rows_per_group, **parquet_options(table.schema))
 
 
 def _chunks(tasks: list[tuple[int, int]], limit: int) -> list[list[int]]:
@@ -457,14 +607,20 @@ def _chunks(tasks: list[tuple[int, int]], limit: int) -> list[list[int]]:
 
 
 def publish_plan(
-    summaries: dict[int, dict[str, Any]], duplicates: list[dict[str, Any]], budgets: list[int], rows_per_file: int
+    summaries: dict[int, dict[str, Any]],
+    duplicates: list[dict[str, Any]],
+    budgets: list[int],
+    rows_per_file: int,
+    buckets: set[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One publish job per output file: a bucket's rows from a run of consecutive tasks, or a run of rejects."""
+    """One publish job per output file of `buckets` (None: all): a bucket's rows from a run of consecutive
+    tasks."""
     first = str(budgets[0])
     per_bucket: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for task in sorted(summaries):
         for bucket, n in summaries[task]["per_bucket"][first].items():
-            per_bucket[bucket].append((task, n))
+            if buckets is None or bucket in buckets:
+                per_bucket[bucket].append((task, n))
     dup_files: dict[str, list[str]] = defaultdict(list)
     for d in duplicates:
         if d["file"]:
@@ -473,10 +629,16 @@ def publish_plan(
     for bucket in sorted(per_bucket):
         for part, tasks in enumerate(_chunks(per_bucket[bucket], rows_per_file)):
             jobs.append({"kind": "data", "bucket": bucket, "part": part, "tasks": tasks, "dups": dup_files[bucket]})
-    rejected = [(t, summaries[t]["read"] - summaries[t]["accepted"]) for t in sorted(summaries)]
-    for part, tasks in enumerate(_chunks([(t, n) for t, n in rejected if n], REJECT_ROWS)):
-        jobs.append({"kind": "rejects", "bucket": "", "part": part, "tasks": tasks, "dups": []})
     return jobs
+
+
+def rejects_plan(summaries: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One job per rejects file: the rejects of a run of consecutive tasks."""
+    rejected = [(t, summaries[t]["read"] - summaries[t]["accepted"]) for t in sorted(summaries)]
+    parts = _chunks([(t, n) for t, n in rejected if n], REJECT_ROWS)
+    return [
+        {"kind": "rejects", "bucket": "", "part": part, "tasks": tasks, "dups": []} for part, tasks in enumerate(parts)
+    ]
 
 
 def data_columns(budgets: list[int]) -> list[str]:
@@ -498,20 +660,31 @@ def publish_part(row: dict[str, Any], staging: str, out: str, budgets: list[int]
         with fsspec.open(path, "rb") as f:
             dropped.update(pq.read_table(f, columns=["source"])["source"].to_pylist())
     tables = [read_bucket(task_file(staging, t), job["bucket"], data_columns(budgets)) for t in job["tasks"]]
-    table = pa.concat_tables(tables)
-    if dropped:
-        table = table.filter(pc.invert(pc.is_in(table["source"], value_set=pa.array(sorted(dropped), pa.string()))))
+    table = pa.concat_tables(tables).combine_chunks()  # one chunk: a take from many chunks of binary is slower
+    dropped_sources = pa.array(sorted(dropped), pa.string())
+    rows, index = _publish_rows(table, dropped_sources, job["bucket"], job["part"], out, budgets, rows_per_file)
+    return {"kind": "data", "rows": rows, "index": json.dumps(index)}
+
+
+def _publish_rows(
+    table: pa.Table, dropped: pa.Array, bucket: str, part: int, out: str, budgets: list[int], rows_per_file: int
+) -> tuple[int, dict[str, dict[str, list]]]:
+    """Write one bucket's rows from a run of tasks (in task order) to data/, leaving out the sources in
+    `dropped` (its duplicates), sorted by the later budgets' buckets then id, at most rows_per_file rows a
+    file; return the rows written and each file's index runs."""
+    if len(dropped):
+        table = table.filter(pc.invert(pc.is_in(table["source"], value_set=dropped)))
     if len(budgets) > 1:  # the rows of one bucket combination together: few index runs per row group
         table = table.sort_by([*((f"bucket_{t}", "ascending") for t in budgets[1:]), ("id", "ascending")])
     rows_per_group = min(ROWS_PER_GROUP, rows_per_file)
     index: dict[str, dict[str, list]] = {}
     for k, offset in enumerate(range(0, table.num_rows, rows_per_file)):
-        name = join("data", f"bucket={job['bucket']}", f"part-{job['part']:05d}-{k:03d}.parquet")
-        part = table.slice(offset, rows_per_file)
-        _write(join(out, name), part, rows_per_group)
-        buckets = {f"bucket_{t}": part[f"bucket_{t}"] for t in budgets}
-        index[name] = file_runs(buckets, group_sizes(part.num_rows, rows_per_group))
-    return {"kind": "data", "rows": table.num_rows, "index": json.dumps(index)}
+        name = join("data", f"bucket={bucket}", f"part-{part:05d}-{k:03d}.parquet")
+        rows = table.slice(offset, rows_per_file)
+        _write(join(out, name), rows, rows_per_group)
+        buckets = {f"bucket_{t}": rows[f"bucket_{t}"] for t in budgets}
+        index[name] = file_runs(buckets, group_sizes(rows.num_rows, rows_per_group))
+    return table.num_rows, index
 
 
 def count(summaries: dict[int, dict[str, Any]], duplicates: list[dict[str, Any]], budgets: list[int]) -> dict:
@@ -598,15 +771,18 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     remove(join(out, "data"))
     remove(join(out, "rejects"))
     remove(join(out, INDEX))
-    jobs = [{"job": json.dumps(j)} for j in dedup_plan(summaries, budgets)]
-    kwargs = {"staging": staging, "out": out, "budgets": budgets}
-    duplicates = [json.loads(r["result"]) for r in ray_map(dedup_shard, jobs, kwargs, "ingest: dedup")]
+    rows_per_file = settings["rows_per_file"]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    plan, large = finish_plan(summaries, budgets, rows_per_file, cpus)
+    kwargs = {"staging": staging, "out": out, "budgets": budgets, "rows_per_file": rows_per_file}
+    jobs = [{"job": json.dumps(j)} for j in plan]
+    finished = [json.loads(r["result"]) for r in ray_map(finish_task, jobs, kwargs, "ingest: dedup")]
+    duplicates = [d for result in finished for d in result["duplicates"]]
     counts = count(summaries, duplicates, budgets)
     deduplicated = time.time()
 
-    jobs = [{"job": json.dumps(j)} for j in publish_plan(summaries, duplicates, budgets, settings["rows_per_file"])]
-    kwargs = {"staging": staging, "out": out, "budgets": budgets, "rows_per_file": settings["rows_per_file"]}
-    written = ray_map(publish_part, jobs, kwargs, "ingest: publish")
+    jobs = [{"job": json.dumps(j)} for j in publish_plan(summaries, duplicates, budgets, rows_per_file, large)]
+    written = [*finished, *ray_map(publish_part, jobs, kwargs, "ingest: publish")]
     rows_written = sum(r["rows"] for r in written if r["kind"] == "data")
     if rows_written != counts["accepted"]:  # never publish a set that disagrees with its own counts
         raise RuntimeError(f"ingest publish wrote {rows_written} rows, expected {counts['accepted']}")
