@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -538,25 +539,40 @@ def _duplicates(dups: pa.Table, kept: pa.Array, out: str, bucket: str, shard: in
 
 def publish_buckets(job: dict[str, Any], staging: str, out: str, budgets: list[int], rows_per_file: int) -> dict:
     """Step 3 for a run of small buckets (finish_plan): for each bucket, what _dedup and then publish_part
-    do (same files, rows and order), from its rows read once; each staging file is opened once. One bucket
-    at a time: the task holds one bucket's rows, not the run's."""
+    do (same files, rows and order), from its rows read once. Each staging file is read once for all the
+    run's buckets (one read_row_groups a file, not one a bucket and file: each call sets up every column's
+    reader and its read-ahead), then cut by bucket: a file's rows are sorted by bucket, so each bucket's are
+    one slice. The task holds the run's rows, at most rows_per_file (finish_plan's limit), as publish_part
+    holds one file's."""
+    first = f"bucket_{budgets[0]}"
     dup_columns = ["id", "source", "label", "orig_width", "orig_height", *(f"bucket_{t}" for t in budgets)]
+    slices: dict[str, list[pa.Table]] = defaultdict(list)
+    for t in job["tasks"]:
+        table = read_buckets(task_file(staging, t), job["buckets"], data_columns(budgets))
+        buckets = table[first].to_numpy(zero_copy_only=False)
+        starts = [0, *(np.flatnonzero(buckets[1:] != buckets[:-1]) + 1).tolist(), len(buckets)]
+        for begin, end in itertools.pairwise(starts):
+            if end > begin:
+                slices[buckets[begin]].append(table.slice(begin, end - begin))
     duplicates, rows, index = [], 0, {}
-    with contextlib.ExitStack() as files:
-        parquets = [files.enter_context(_parquet_source(task_file(staging, t))) for t in job["tasks"]]
-        for bucket in job["buckets"]:
-            table = pa.concat_tables([_read_groups(p, {bucket}, data_columns(budgets)) for p in parquets])
-            table = table.combine_chunks()  # one chunk: a take from many chunks of binary is several times slower
-            order, repeat, kept = _repeats(table.select(["id", "source"]))
-            dups = table.select(dup_columns).take(pa.array(order[repeat], pa.int64()))
-            if dups.num_rows:
-                kept_sources = table["source"].take(pa.array(order[kept], pa.int64()))
-                duplicates.append(_duplicates(dups, kept_sources, out, bucket, 0, budgets))
-            dropped = dups["source"].combine_chunks()
-            written, runs = _publish_rows(table, dropped, bucket, 0, out, budgets, rows_per_file)
-            rows += written
-            index.update(runs)
+    for bucket in job["buckets"]:
+        table = pa.concat_tables(slices.pop(bucket, []) or [_empty(budgets)])
+        table = table.combine_chunks()  # one chunk: a take from many chunks of binary is several times slower
+        order, repeat, kept = _repeats(table.select(["id", "source"]))
+        dups = table.select(dup_columns).take(pa.array(order[repeat], pa.int64()))
+        if dups.num_rows:
+            kept_sources = table["source"].take(pa.array(order[kept], pa.int64()))
+            duplicates.append(_duplicates(dups, kept_sources, out, bucket, 0, budgets))
+        dropped = dups["source"].combine_chunks()
+        written, runs = _publish_rows(table, dropped, bucket, 0, out, budgets, rows_per_file)
+        rows += written
+        index.update(runs)
     return {"kind": "data", "rows": rows, "index": json.dumps(index), "duplicates": duplicates}
+
+
+def _empty(budgets: list[int]) -> pa.Table:
+    schema = row_schema(budgets)
+    return schema.empty_table().select(data_columns(budgets))
 
 
 def duplicates_file(out: str, bucket: str, shard: int) -> str:
