@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_ingest.py             # 2 x 2000 images, about 7 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_ingest.py             # 2 x 2000 images + the 1-CPU row: 6-8 minutes
     .venv/bin/python benchmarks/bench_ingest.py --quick     # 2 x 300 images, about 2 minutes
     .venv/bin/python benchmarks/bench_ingest.py --n 5000 --repeats 3
     .venv/bin/python benchmarks/bench_ingest.py --equal-only --equal-repeats 5 --quiet-wait 120
