@@ -10,11 +10,9 @@ S3: a real moto server (moto.server.ThreadedMotoServer, in its own process, 127.
 tests/s3_proxy.py's S3FaultProxy with latency_s = --latency-ms / 1000 (default 20 ms: every request waits that
 long in the proxy before it is forwarded; no faults). Every measured client talks to the proxy (the environment's
 AWS_ENDPOINT_URL); the setup writes straight to moto, bypassing the proxy. Each measurement runs in a fresh
-subprocess (`--worker`), one at a time. The proxy's handler sends a response's headers and body in two writes;
-with Nagle's algorithm on (Python's default) the body then waits for the client's delayed ACK, ~40 ms more per
-request, so this script sets the handler's `disable_nagle_algorithm` (TCP_NODELAY, a socketserver option) in its
-own process. A calibration first times sequential small GETs straight to moto and through the proxy with and
-without it: the round trip per request the measurements below actually met.
+subprocess (`--worker`), one at a time. A calibration first times sequential small GETs
+straight to moto and through the proxy: the round trip per request the measurements below actually met (the
+proxy sets TCP_NODELAY: with Nagle's algorithm its two writes per response cost ~40 ms more per request).
 
 What exists on S3 for each N (one bucket per N and per role, so moto never lists more keys than the N asked):
   source   bench-scale-src-N/shards/: N objects `shard-NNNNNNN.tar` of 64 bytes (not valid tar archives:
@@ -872,7 +870,6 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from tests import s3_proxy
     from tests.s3_proxy import S3FaultProxy
 
     sizes = args.sizes or ([1000, 10_000] if args.quick else [1000, 10_000, 100_000])
@@ -923,10 +920,7 @@ def main() -> None:
     runner = Runner(moto, proxy, log)
     setup: dict[str, Any] = {}
     try:
-        # first with Nagle's algorithm on, as the module leaves it (only for this contrast), then as measured
-        calibration = runner.calibrate({"straight to moto": moto.url, "proxy, Nagle on (module default)": proxy.url})
-        s3_proxy._Handler.disable_nagle_algorithm = True  # TCP_NODELAY on the proxy's client sockets (docstring)
-        calibration.update(runner.calibrate({"proxy, as measured (TCP_NODELAY)": proxy.url}))
+        calibration = runner.calibrate({"straight to moto": moto.url, "proxy": proxy.url})
         log(
             "round trip per request, sequential 4 KiB GETs: "
             + "; ".join(f"{k} {v['median_ms']:.1f} ms" for k, v in calibration.items())

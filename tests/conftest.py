@@ -69,3 +69,14 @@ def prefect_harness():
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def training_cluster():
+    """A multi-node Ray for the training fault drills (tests/training_faults.py): a head (no CPUs) and three
+    1-CPU worker nodes, so that after one node is lost two are left for the two training workers."""
+    from tests.ray_cluster import LocalCluster
+
+    started = LocalCluster.start(workers=3)
+    yield started
+    started.shutdown()

@@ -250,6 +250,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect; every response has a Content-Length
+    # Headers and body go out in two writes: with Nagle's algorithm the body waited for the client's delayed
+    # ACK, ~40 ms more per request than the latency asked for (measured by benchmarks/bench_scale.py).
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

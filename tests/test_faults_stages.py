@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.cluster import _status
 from tests.ingest_samples import make_training_folder
 from tests.ray_cluster import LocalCluster, ray_env
 from tests.test_pipelines import FAST
@@ -416,12 +417,3 @@ def test_killed_cluster_mode_flow_attaches_to_its_running_job(multinode, inputs,
         f"\n[driver killed] train_ae: job RUNNING {killed - started:.1f} s after the first `vitok run` started; "
         f"the second attached {attached - killed:.1f} s after the kill and completed {done - killed:.1f} s after it"
     )
-
-
-def _status(client, submission_id: str) -> str | None:
-    try:
-        return str(client.get_job_status(submission_id).value)
-    except Exception as err:  # the Jobs API answers an unknown id with an error
-        if "does not exist" in str(err) or "not found" in str(err).lower():
-            return None
-        raise

@@ -19,7 +19,6 @@ from jobs.train_common import read_metrics
 from jobs.train_flow import output_uri
 from jobs.train_flow import run as run_flow
 from tests.ingest_samples import make_training_folder
-from tests.ray_cluster import LocalCluster
 from tests.training_faults import assert_recovered, run_drill
 from vitok_core.artifacts import is_complete, join
 from vitok_core.checkpoint import save_published
@@ -163,22 +162,13 @@ def test_bf16_flow_keeps_an_fp32_ema_that_moves_and_exports_the_fp32_masters(cac
 # Real faults on a multi-node cluster: a SIGKILLed worker, a lost node, a rank killed mid-checkpoint
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster():
-    """A head (no CPUs) and three 1-CPU worker nodes: after one node is lost, two are left for the two
-    training workers."""
-    started = LocalCluster.start(workers=3)
-    yield started
-    started.shutdown()
-
-
-@pytest.fixture(scope="module")
-def drill(cache, trained, cluster, tmp_path_factory):
+def drill(cache, trained, training_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("flow_faults")
     overrides = overrides_for(cache, root, "flow.max_failures=3", "flow.kill_in_checkpoint_at_step=16")
     out = output_uri(load_config("tiny", overrides), cache[1]["key"])
     # the worker dies past the checkpoint of step 4, the node past that of step 8, a rank in the last checkpoint
     log = root / "driver.log"
-    return run_drill(cluster, "jobs.train_flow", overrides, out, log, kill_worker_past=4, kill_node_past=8)
+    return run_drill(training_cluster, "jobs.train_flow", overrides, out, log, kill_worker_past=4, kill_node_past=8)
 
 
 def test_sigkilled_worker_restarts_from_the_last_complete_checkpoint(drill):
