@@ -1,6 +1,7 @@
 # vitok: one command to set up and run the pipeline, one to set up and run the tests.
 #   make run    - create .venv, install, run the whole DAG (tiny preset, local Ray, ./runs, demo photos)
 #   make demo   - create .venv, install, overfit the tiny model on real photos and print PSNR
+#   make study  - create .venv, install, the ~70-minute CPU training study -> docs/results.md (not in CI)
 #   make test   - create .venv, install, lint + format check + the whole test suite
 #   make bench  - benchmarks (prints tables; see benchmarks/)
 #   make gpu-wheels - .whl/: the wheels benchmarks/gpu_check.py needs on the lent GPU machine (docs/gpu-check.md)
@@ -11,7 +12,7 @@ PIP := $(PY) -m pip
 # torch first, alone: pip then takes the wheel from this machine's disk instead of resolving a fresh one.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint run demo bench gpu-wheels clean
+.PHONY: setup test lint run demo study bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,9 @@ test: lint
 
 run: setup
 	$(VENV)/bin/vitok run
+
+study: setup
+	$(VENV)/bin/vitok study
 
 demo: setup
 	$(PY) -m vitok_core.demo --config tiny

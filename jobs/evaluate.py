@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -49,7 +50,7 @@ from jobs.common import fail_once, init_ray, map_with_actors, parse_config, retr
 from vitok_core import __version__, io_retry, report
 from vitok_core.artifacts import absolute, is_complete, join, mark_success, read_json, remove, stage_key, write_json
 from vitok_core.checkpoint import file_sha256, load_published, published_sha256, read_export_info
-from vitok_core.config import VitokConfig, config_from_dict, to_dict
+from vitok_core.config import ConfigError, VitokConfig, config_from_dict, to_dict
 from vitok_core.evaluation import (
     Accumulator,
     bicubic_down_up,
@@ -109,12 +110,22 @@ def autoencoder_uri(cfg: VitokConfig) -> str:
     return join(train_output_uri(cfg, IngestOutput(ingest_output_uri(cfg))), "export")
 
 
+_NAMED = re.compile(r"^([A-Za-z0-9_.@+-]+)=(.+)$")
+
+
 def models_of(cfg: VitokConfig) -> dict[str, str]:
-    """Model name -> published directory: "ae" first, then "baseline:<name>" per configured baseline."""
+    """Model name -> published directory: "ae" first, then "baseline:<name>" per configured baseline. A
+    baseline is `DIR` (named after DIR, or its parent when DIR ends in export/) or `NAME=DIR`."""
     models = {"ae": autoencoder_uri(cfg)}
-    for uri in cfg.evaluate.baselines:
-        parts = uri.rstrip("/").split("/")
-        name = parts[-2] if parts[-1] == "export" and len(parts) > 1 else parts[-1]
+    for item in cfg.evaluate.baselines:
+        named = _NAMED.match(item)
+        if named:
+            name, uri = named.groups()
+        else:
+            uri, parts = item, item.rstrip("/").split("/")
+            name = parts[-2] if parts[-1] == "export" and len(parts) > 1 else parts[-1]
+        if f"baseline:{name}" in models:
+            raise ConfigError(f"evaluate.baselines: two baselines are named {name!r}; name them: NAME=DIR")
         models[f"baseline:{name}"] = uri
     return models
 

@@ -12,6 +12,7 @@ resumes from the latest checkpoint:
                             position, RNG states, counters) + config.yaml
     metrics/step-*.jsonl    one line per logged step (loss terms, lr, grad norm, tokens/s, data wait, MFU)
     export/                 encoder.safetensors + decoder.safetensors (published layout) + export.json
+    exports/step-NNNNNNNN/  the same layout every train.export_every steps (learning curves; off by default)
     manifest.json, _SUCCESS written by the driver when the run has finished
 
 Every worker runs `train_loop`, top to bottom: build the model (same seed on every rank), wrap it in
@@ -80,6 +81,7 @@ _NOT_IN_KEY = (
     "log_every",
     "checkpoint_every",
     "keep_checkpoints",
+    "export_every",
     "max_failures",
     "peak_tflops",
     "stop_at_step",
@@ -254,13 +256,17 @@ def micro_step(
     return {**{name: value.detach() for name, value in terms.items()}, "finite": finite}
 
 
-def _export(engine: Any, out: str, cfg: VitokConfig, step: int, rank: int) -> None:
+def export_name(step: int) -> str:
+    return f"exports/step-{step:08d}"
+
+
+def _export(engine: Any, out: str, cfg: VitokConfig, step: int, rank: int, name: str = "export") -> None:
     """Write the fp32 master weights (gathered from the ZeRO shards; every rank takes part) in the
     published layout."""
     state = full_fp32_state(engine, rank)
     if rank == 0:
         metadata = {"variant": cfg.model.variant, "config_hash": config_hash(cfg), "step": step, "run": out}
-        save_published(state, join(out, "export"), metadata=metadata)
+        save_published(state, join(out, name), metadata=metadata)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -392,6 +398,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 state["step"], total, budget, metrics["loss"], lr, grad_norm, metrics["tokens_per_s"],
                 metrics["data_wait_s"],
             )  # fmt: skip
+        # Before the checkpoint: a crash between the two then redoes the export (same weights: resume is exact)
+        # instead of resuming past it.
+        export_every = cfg.train.export_every
+        if export_every and state["step"] % export_every == 0 and state["step"] < total:
+            _export(engine, out, cfg, state["step"], rank, export_name(state["step"]))
         # Ray Train hears of checkpoints only (why: save_checkpoint).
         if state["step"] % cfg.train.checkpoint_every == 0 or done:
             if rank == 0:
@@ -438,6 +449,7 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
         wall_s_this_run=time.time() - start,
         versions=_versions(),
         code_version=CODE_VERSION,
+        exports=[join(out, export_name(s)) for s in range(t.export_every, t.steps, t.export_every or t.steps)],
         **manifest_fields("train_ae"),
     )
     log.info("train_ae %s: %s at step %d of %d", out, manifest["status"], manifest["step"], cfg.train.steps)

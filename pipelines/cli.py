@@ -7,6 +7,7 @@ the Prefect deployments, the state of a run root, and configs.
     vitok serve
     vitok status [RUN_ROOT]
     vitok index OUTPUT
+    vitok study [--preset cpu_study] [--out docs] [--data .data/study] [key=value ...]
     vitok config show [--preset P] [key=value ...]
 
 Every command checks what it can before any Ray or Prefect work (the config, the ingest source, the first
@@ -214,6 +215,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from vitok_core.config import load_config
+
+    source = args.config or args.preset or "cpu_study"
+    load_config(source, args.overrides)  # a bad key fails here, before downloads and Prefect
+    from pipelines.study import study_flow
+
+    with _temporary_prefect_server():
+        result = study_flow(source, list(args.overrides), args.out, args.data)
+    print(f"study report: {result['report']}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from vitok_core.config import describe, load_config
 
@@ -257,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("output", help="the output directory: runs/ingest/<key>, s3://bucket/runs/ingest/<key>, ...")
     index.add_argument("--threads", type=int, default=16, help="data files read at a time (default 16)")
     index.set_defaults(func=cmd_index)
+    study = sub.add_parser(
+        "study", parents=[common], help="the CPU training study (~70 min): both arms, evaluation, results.md"
+    )
+    _preset_args(study)
+    study.add_argument("--out", default="docs", help="where results.md and results/*.png go (default docs)")
+    study.add_argument("--data", default=".data/study", help="photos, crops and held-out set (default .data/study)")
+    study.set_defaults(func=cmd_study)
     config = sub.add_parser("config", parents=[common], help="configs")
     config_sub = config.add_subparsers(dest="action", required=True)
     show = config_sub.add_parser("show", parents=[common], help="the resolved config, its hash and parameter counts")

@@ -48,6 +48,8 @@ def test_config_show_and_errors(capsys):
     assert code == 1 and "train.stepz" in err
     code, err = run_main(["stage", "trian_ae"], capsys)
     assert code == 1 and "unknown stage" in err
+    code, err = run_main(["study", "--out", "/nonexistent", "train.stepz=2"], capsys)  # before downloads or Prefect
+    assert code == 1 and "train.stepz" in err
     code, err = run_main(["run", "--stages", "trian_ae", "train.steps=3"], capsys)  # k=v after --stages: overrides
     assert code == 1 and "unknown stage(s) ['trian_ae']" in err
     with pytest.raises(SystemExit):

@@ -16,6 +16,7 @@ EXPECTED_PRESETS = {
     "dec_L": "Ld4-L/1x16x64",
     "dec_G": "Ld4-G/1x16x64",
     "dec_T": "Ld4-T/1x16x64",
+    "cpu_study": "Tid2-Tid4/1x16x64",
 }
 
 

@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs.evaluate import models_of
 from jobs.evaluate import run as run_evaluate
 from tests.ingest_samples import make_training_folder
 from vitok_core.artifacts import is_complete, join, read_json
 from vitok_core.checkpoint import save_published
-from vitok_core.config import load_config
+from vitok_core.config import ConfigError, load_config
 from vitok_core.demo import load_demo_images
 from vitok_core.images import to_uint8
 from vitok_core.model import build_autoencoder
@@ -66,6 +67,22 @@ def overrides(data: str, ae: str, out: str, *extra: str) -> list[str]:
         "evaluate.keep=3",
         *extra,
     ]
+
+
+def test_baselines_are_named_after_their_run_or_by_the_user():
+    runs = "s3://b/runs/train_ae"
+    cfg = load_config(
+        "tiny",
+        ["evaluate.autoencoder=/ae", f"evaluate.baselines=[{runs}/k1/export,naflex@500={runs}/k2/exports/step-500]"],
+    )
+    assert models_of(cfg) == {
+        "ae": "/ae",
+        "baseline:k1": f"{runs}/k1/export",
+        "baseline:naflex@500": f"{runs}/k2/exports/step-500",
+    }
+    twice = load_config("tiny", ["evaluate.autoencoder=/ae", "evaluate.baselines=[/a/step-1,/b/step-1]"])
+    with pytest.raises(ConfigError, match="two baselines are named 'step-1'; name them"):
+        models_of(twice)
 
 
 def test_local_run_with_crash_rerun_and_skip(ray_local, setup, tmp_path):

@@ -16,10 +16,9 @@ from jobs.train_ae import deepspeed_config, output_uri, train_settings
 from jobs.train_ae import run as run_train
 from jobs.train_common import import_deepspeed, read_metrics
 from tests.ingest_samples import make_training_folder
-from tests.ray_cluster import LocalCluster
 from tests.training_faults import assert_recovered, run_drill
 from vitok_core.artifacts import is_complete, join
-from vitok_core.checkpoint import load_published
+from vitok_core.checkpoint import load_published, read_export_info
 from vitok_core.config import ConfigError, load_config
 from vitok_core.ingest_output import IngestOutput
 from vitok_core.model import build_autoencoder
@@ -66,7 +65,9 @@ def test_settings_key_and_deepspeed_config(photos, tmp_path):
     ds = deepspeed_config(cfg)
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is False
-    paused = config(photos, tmp_path, "train.stop_at_step=4", "train.log_every=5", "train.loader_workers=2")
+    paused = config(
+        photos, tmp_path, "train.stop_at_step=4", "train.log_every=5", "train.loader_workers=2", "train.export_every=2"
+    )
     assert train_settings(cfg, "k") == train_settings(paused, "k")  # neither changes the weights
     assert train_settings(cfg, "k") != train_settings(config(photos, tmp_path, "train.seed=1"), "k")
     with pytest.raises(ConfigError, match=r"train\.batch_size=6"):
@@ -83,7 +84,7 @@ def test_needs_a_complete_ingest_before_any_cluster_work(tmp_path):
 @pytest.fixture(scope="module")
 def reference(ray_local, photos, tmp_path_factory):
     root = tmp_path_factory.mktemp("train_reference")
-    cfg = config(photos, root)
+    cfg = config(photos, root, "train.export_every=6")  # not in the key: the drills' runs equal this one
     run_ingest(cfg)
     return cfg, run_train(cfg)
 
@@ -118,6 +119,15 @@ def test_trains_switches_budget_and_exports(reference):
     batch = collate([preprocess(image, 16, 64)])
     with torch.no_grad():
         assert torch.equal(exported.eval()(batch)["patches"], consolidated.eval()(batch)["patches"])
+
+    # train.export_every=6: step 6's weights in the same layout, equal to its checkpoint; the last step's
+    # export is export/ only.
+    assert manifest["exports"] == [join(manifest["output"], "exports/step-00000006")]
+    middle = build_autoencoder(cfg.model.variant)
+    load_published(middle, manifest["exports"][0])
+    state = get_fp32_state_dict_from_zero_checkpoint(join(manifest["output"], "step-00000006"), tag="zero")
+    assert all(torch.equal(middle.state_dict()[k], v) for k, v in state.items())
+    assert read_export_info(manifest["exports"][0])["step"] == 6
 
     started = run_train(cfg)  # complete: skipped
     assert started == manifest
@@ -201,16 +211,7 @@ def test_import_deepspeed_skips_compiling_muon_and_restores_torch_compile():
 # Real faults on a multi-node cluster: a SIGKILLed worker, a lost node, a rank killed mid-checkpoint
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster():
-    """A head (no CPUs) and three 1-CPU worker nodes: after one node is lost, two are left for the two
-    training workers."""
-    started = LocalCluster.start(workers=3)
-    yield started
-    started.shutdown()
-
-
-@pytest.fixture(scope="module")
-def drill(reference, cluster, photos, tmp_path_factory):
+def drill(reference, training_cluster, photos, tmp_path_factory):
     _, manifest = reference
     root = tmp_path_factory.mktemp("train_faults")
     extra = [f"train.ingest={manifest['ingest']}", "train.max_failures=3", "train.faults.kill_in_checkpoint_at_step=12"]
@@ -218,7 +219,7 @@ def drill(reference, cluster, photos, tmp_path_factory):
     out = output_uri(load_config("tiny", overrides), IngestOutput(manifest["ingest"]))
     # the worker dies past the checkpoint of step 3, the node past that of step 6, a rank in the last checkpoint
     return run_drill(
-        cluster, "jobs.train_ae", overrides, out, root / "driver.log", kill_worker_past=3, kill_node_past=6
+        training_cluster, "jobs.train_ae", overrides, out, root / "driver.log", kill_worker_past=3, kill_node_past=6
     )
 
 

@@ -109,6 +109,9 @@ class TrainConfig:
     shuffle_window: int = 16  # Parquet row groups mixed together when shuffling (~256 images each)
     checkpoint_every: int = 1000  # steps; the last step is always checkpointed
     keep_checkpoints: int = 3
+    # steps between extra published-layout exports ({run}/exports/step-NNNNNNNN/), e.g. for learning curves;
+    # 0 = only the final export/. Kept: one per multiple, unlike checkpoints.
+    export_every: int = 0
     log_every: int = 50  # steps between metric lines (JSONL + Ray Train report)
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     max_bad_steps: int = 3  # consecutive non-finite steps before the last good checkpoint is restored
@@ -475,6 +478,7 @@ def validate(cfg: Any) -> None:
         "train.shuffle_window": positive,
         "train.checkpoint_every": positive,
         "train.keep_checkpoints": positive,
+        "train.export_every": non_negative,
         "train.log_every": positive,
         "train.max_failures": non_negative,
         "train.max_bad_steps": positive,

@@ -213,6 +213,38 @@ def loss_curves_png(lines: list[dict]) -> bytes:
     return _png(fig)
 
 
+def learning_curves_png(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("psnr", "ssim", "rfid")) -> bytes:
+    """Metric against training step, one panel per (metric, setting), one line per arm; rows with arm "bicubic"
+    (the baseline, no steps) are a dashed horizontal line. Rows: {arm, step, setting, <metric>: value}."""
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    shown = [m for m in metrics if any(_finite(r.get(m)) is not None for r in rows)]
+    if not settings or not shown:
+        return _message_png("no evaluated checkpoints")
+    fig = Figure(figsize=(4.2 * len(settings), 3.2 * len(shown)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(shown), len(settings), squeeze=False))
+    arms = [a for a in dict.fromkeys(r["arm"] for r in rows) if a != "bicubic"]
+    for i, metric in enumerate(shown):
+        for j, setting in enumerate(settings):
+            ax = axes[i][j]
+            for arm in arms:
+                points = sorted(
+                    (r["step"], _finite(r.get(metric))) for r in rows if r["arm"] == arm and r["setting"] == setting
+                )
+                points = [(s, v) for s, v in points if v is not None]
+                if points:
+                    ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=arm)
+            for r in rows:
+                value = _finite(r.get(metric))
+                if r["arm"] == "bicubic" and r["setting"] == setting and value is not None:
+                    ax.axhline(value, linestyle="--", color="grey", label="bicubic")
+            ax.set_title(f"{metric_title(metric)}, {setting}", fontsize=10)
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def image_psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
     """PSNR in dB of two uint8 images: 10 log10(255^2 / MSE); inf when they are equal."""
     mse = float(np.mean((reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2))

@@ -1,0 +1,205 @@
+"""`vitok study`: the CPU training study (configs/cpu_study.yaml) end to end through the pipeline, and its
+report (docs/results.md). Not part of CI: it trains for about an hour.
+
+    vitok study [--preset cpu_study | --config F] [--out docs] [--data .data/study] [key=value ...]
+
+1. Photos (vitok_core/study.py): scikit-image's from the installed wheel; scikit-learn's two and the Debian
+   packages mate-backgrounds and tuxpaint-data downloaded once into --data (`pip download`, `apt-get
+   download` + `dpkg -x`; never installed).
+2. Data: the 29 training photos cut into multi-scale crops (--data/train), the 8 held-out photos copied
+   as they are (--data/heldout).
+3. Training: per arm (ARMS), the vitok-pipeline flow with stages ingest and train_ae: the arms share one
+   ingest output (same key); train.export_every leaves the intermediate exports the curves are made of.
+4. Evaluation: the vitok-stage flow of evaluate on the held-out photos twice: every export of both arms and
+   the bicubic baseline (the learning curves), then the two final models alone (reconstruction grids).
+5. Report: {out}/results.md and {out}/results/*.png (figures from vitok_core.report).
+
+Every stage skips when its output is complete, so a study that stopped is rerun with the same command.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from pipelines.flows import _value, full_pipeline, run_stage
+from vitok_core import report, study
+from vitok_core.artifacts import join, read_json
+from vitok_core.config import apply_overrides, load_config
+from vitok_core.model import build_autoencoder, count_parameters
+
+# The ablation (issue 17): the same steps on square crops at one grid. rrc_ratio [1, 1] keeps crops square
+# without squashing; rrc_scale [0.5, 1] lets them move over the image (80-100% of a square crop of a 3:2
+# image would always be near its centre).
+ARMS: dict[str, list[str]] = {
+    "naflex": [],
+    "square": ["data.augment.rrc_prob=1.0", "data.augment.rrc_scale=[0.5,1.0]", "data.augment.rrc_ratio=[1.0,1.0]"],
+}
+DEBIAN_PACKAGES = ("mate-backgrounds", "tuxpaint-data")
+SKLEARN_WHEEL = "scikit-learn==1.9.1"  # any release ships the same two photos
+
+
+def _download_debian(root: Path, say: Callable[[str], None]) -> None:
+    if all((root / d).is_dir() for d in (study.MATE_DIR, study.TUXPAINT_DIR)):
+        return
+    say(f"study: downloading {', '.join(DEBIAN_PACKAGES)} (apt-get download, ~55 MB) into {root}")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True, capture_output=True)
+        for deb in sorted(Path(tmp).glob("*.deb")):
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+
+
+def _download_sklearn_photos(folder: Path, say: Callable[[str], None]) -> None:
+    if all((folder / n).is_file() for n in study.SKLEARN_PHOTOS):
+        return
+    say(f"study: taking scikit-learn's photos out of its wheel ({SKLEARN_WHEEL}) into {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp]
+        subprocess.run([*pip, SKLEARN_WHEEL], check=True)
+        [wheel] = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as z:
+            for name in study.SKLEARN_PHOTOS:
+                (folder / name).write_bytes(z.read(f"sklearn/datasets/images/{name}"))
+
+
+def prepare_data(data: Path, crops_per_photo: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The study's two folders under `data` (downloads the photos it lacks): training crops, held-out photos."""
+    _download_debian(data / "debian", say)
+    _download_sklearn_photos(data / "sklearn", say)
+    train, held_out = study.split(study.find_photos(data / "debian", data / "sklearn"))
+    crops = study.write_training_crops(train, data / "train", crops_per_photo)
+    study.write_heldout(held_out, data / "heldout")
+    return {
+        "train_dir": str((data / "train").resolve()),
+        "heldout_dir": str((data / "heldout").resolve()),
+        "train_photos": [(p.source, p.name) for p in train],
+        "heldout_photos": [(p.source, p.name) for p in held_out],
+        "crops": len(crops),
+    }
+
+
+def _machine() -> str:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({model or platform.machine()}), {memory:.0f} GiB RAM, no GPU"
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@flow(name="vitok-study", log_prints=True)
+def study_flow(
+    preset: str = "cpu_study", overrides: list[str] | None = None, out: str = "docs", data: str = ".data/study"
+) -> dict[str, Any]:
+    """The CPU training study: data, both arms' ingest + train_ae, evaluate twice, the report."""
+    overrides = list(overrides or [])
+    base = load_config(preset, overrides)
+    timings: dict[str, float] = {}
+    started = time.time()
+    prepared = prepare_data(Path(data), crops_per_photo=48)
+    timings["data"] = time.time() - started
+    common = [*overrides, f"ingest.source={prepared['train_dir']}"]
+
+    runs: dict[str, dict[str, Any]] = {}
+    for arm, arm_overrides in ARMS.items():
+        began = time.time()
+        results = _value(full_pipeline(preset, [*common, *arm_overrides], ["ingest", "train_ae"]))
+        runs[arm] = results["train_ae"]
+        timings[f"ingest+train_ae {arm}"] = time.time() - began
+        print(f"study: {arm} trained at {runs[arm]['output']}")
+
+    # Learning curves: every export of both arms in one evaluate run (the same images and bicubic baseline).
+    models: dict[str, tuple[str, int]] = {"ae": ("naflex", base.train.steps)}
+    baselines = []
+    for arm, run in runs.items():
+        for uri in run.get("exports") or []:
+            step = int(uri.rstrip("/").rsplit("-", 1)[-1])
+            models[f"baseline:{arm}@{step}"] = (arm, step)
+            baselines.append(f"{arm}@{step}={uri}")
+        if arm != "naflex":
+            models[f"baseline:{arm}@{base.train.steps}"] = (arm, base.train.steps)
+            baselines.append(f"{arm}@{base.train.steps}={join(run['output'], 'export')}")
+    evaluate_common = [*common, f"evaluate.data={prepared['heldout_dir']}"]
+    began = time.time()
+    curves = _value(
+        run_stage(
+            "evaluate",
+            preset,
+            [
+                *evaluate_common,
+                f"evaluate.autoencoder={join(runs['naflex']['output'], 'export')}",
+                f"evaluate.baselines=[{','.join(baselines)}]",
+                "evaluate.keep=0",
+            ],
+        )
+    )
+    timings["evaluate (curves)"] = time.time() - began
+    began = time.time()
+    final = _value(
+        run_stage(
+            "evaluate",
+            preset,
+            [
+                *evaluate_common,
+                f"evaluate.autoencoder={join(runs['naflex']['output'], 'export')}",
+                f"evaluate.baselines=[square={join(runs['square']['output'], 'export')}]",
+            ],
+        )
+    )
+    timings["evaluate (final, grids)"] = time.time() - began
+
+    curve_metrics = read_json(join(curves["output"], "metrics.json"))
+    rows = study.curve_rows(curve_metrics, models)
+    figures = Path(out) / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    (figures / "learning_curves.png").write_bytes(report.learning_curves_png(rows))
+    for arm, run in runs.items():
+        from jobs.train_common import read_metrics
+
+        (figures / f"loss_{arm}.png").write_bytes(report.loss_curves_png(read_metrics(run["output"])))
+    grids = []
+    for setting in base.evaluate.settings:
+        source = join(final["output"], "figures", f"recon_{setting.name}.png")
+        if os.path.isfile(source):
+            shutil.copyfile(source, figures / f"recon_{setting.name}.png")
+            grids.append(setting.name)
+    cfg = apply_overrides(base, [f"ingest.source={prepared['train_dir']}"])
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "commit": _commit(),
+        "machine": _machine(),
+        "command": " ".join(["vitok", "study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] else "vitok study",
+        "timings": timings,
+        "wall_s": time.time() - started,
+        "parameters": count_parameters(build_autoencoder(cfg.model.variant)),
+        "runs": {arm: run["output"] for arm, run in runs.items()},
+        "arms": ARMS,
+        "evaluations": {"curves": curves["output"], "final": final["output"]},
+        "grids": grids,
+        **prepared,
+    }
+    text = study.render_results(
+        cfg, info, rows, curve_metrics, final_metrics=read_json(join(final["output"], "metrics.json"))
+    )
+    (Path(out) / "results.md").write_text(text)
+    print(f"study: report at {Path(out) / 'results.md'}")
+    return {"report": str(Path(out) / "results.md"), "rows": rows, "info": info}
