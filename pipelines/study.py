@@ -19,6 +19,7 @@ Every stage skips when its output is complete, so a study that stopped is rerun 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -36,7 +37,7 @@ from prefect import flow
 from pipelines.flows import _value, full_pipeline, run_stage
 from vitok_core import report, study
 from vitok_core.artifacts import join, read_json
-from vitok_core.config import apply_overrides, load_config
+from vitok_core.config import apply_overrides, config_hash, load_config
 from vitok_core.model import build_autoencoder, count_parameters
 
 # The ablation (issue 17): the same steps on square crops at one grid. rrc_ratio [1, 1] keeps crops square
@@ -113,10 +114,24 @@ def study_flow(
     """The CPU training study: data, both arms' ingest + train_ae, evaluate twice, the report."""
     overrides = list(overrides or [])
     base = load_config(preset, overrides)
-    timings: dict[str, float] = {}
-    started = time.time()
+    # A rerun skips what is done and re-renders the report: timings, date and commit of the phases it skips
+    # come from the run that did them (the record), not from the skip.
+    record_path = Path(data) / "study-record.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("key") != config_hash(base):
+        record = {"key": config_hash(base), "timings": {}}
+    timings: dict[str, float] = record["timings"]
+    started, commit = time.time(), _commit()  # the code that trains, not the code at the end
     prepared = prepare_data(Path(data), crops_per_photo=48)
-    timings["data"] = time.time() - started
+    timings.setdefault("data", time.time() - started)
+
+    def timed(phase: str, began: float, skipped: bool) -> None:
+        if not skipped or phase not in timings:
+            timings[phase] = time.time() - began
+        if not skipped and phase.startswith("ingest+train_ae"):
+            record.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(began)), commit=commit)
+        record_path.write_text(json.dumps(record, indent=1))
+
     common = [*overrides, f"ingest.source={prepared['train_dir']}"]
 
     runs: dict[str, dict[str, Any]] = {}
@@ -124,7 +139,7 @@ def study_flow(
         began = time.time()
         results = _value(full_pipeline(preset, [*common, *arm_overrides], ["ingest", "train_ae"]))
         runs[arm] = results["train_ae"]
-        timings[f"ingest+train_ae {arm}"] = time.time() - began
+        timed(f"ingest+train_ae {arm}", began, runs[arm]["skipped"])
         print(f"study: {arm} trained at {runs[arm]['output']}")
 
     # Learning curves: every export of both arms in one evaluate run (the same images and bicubic baseline).
@@ -152,7 +167,7 @@ def study_flow(
             ],
         )
     )
-    timings["evaluate (curves)"] = time.time() - began
+    timed("evaluate (curves)", began, curves["skipped"])
     began = time.time()
     final = _value(
         run_stage(
@@ -165,7 +180,7 @@ def study_flow(
             ],
         )
     )
-    timings["evaluate (final, grids)"] = time.time() - began
+    timed("evaluate (final, grids)", began, final["skipped"])
 
     curve_metrics = read_json(join(curves["output"], "metrics.json"))
     rows = study.curve_rows(curve_metrics, models)
@@ -184,12 +199,12 @@ def study_flow(
             grids.append(setting.name)
     cfg = apply_overrides(base, [f"ingest.source={prepared['train_dir']}"])
     info = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "commit": _commit(),
+        "date": record.get("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))),
+        "commit": record.get("commit", commit),
         "machine": _machine(),
         "command": " ".join(["vitok", "study", *sys.argv[2:]]) if sys.argv[1:2] == ["study"] else "vitok study",
         "timings": timings,
-        "wall_s": time.time() - started,
+        "wall_s": sum(timings.values()),
         "parameters": count_parameters(build_autoencoder(cfg.model.variant)),
         "runs": {arm: run["output"] for arm, run in runs.items()},
         "arms": ARMS,

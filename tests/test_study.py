@@ -154,3 +154,17 @@ def test_the_preset_and_its_square_arm_are_valid_configs():
     assert naflex.model.variant.endswith("x64")  # the paper's compression, r = 12
     assert square.data.augment.rrc_prob == 1.0 and list(square.data.augment.rrc_ratio) == [1.0, 1.0]
     assert list(naflex.data.budgets) == list(square.data.budgets) and naflex.train.steps == square.train.steps
+
+
+def test_the_gap_to_bicubic_is_extrapolated_from_the_late_exports():
+    # PSNR = 10 + 2 ln(step): 2 ln 2 = 1.386 dB per doubling; 24 dB is reached at exp(7) = 1097 steps.
+    rows = [{"arm": "a", "step": s, "setting": "256p", "psnr": 10 + 2 * np.log(s)} for s in (50, 100, 200, 300, 400)]
+    fit = study.steps_to_reach(rows, "a", "256p", 24.0)
+    assert fit["points"] == 3 and abs(fit["slope_db_per_doubling"] - 2 * np.log(2)) < 1e-9
+    assert abs(fit["steps"] - np.exp(7)) < 1e-6
+    assert study.steps_to_reach(rows[:2], "a", "256p", 24.0) is None  # too few late points
+    flat = [{**r, "psnr": 20.0 - r["step"] / 1000} for r in rows]
+    assert study.steps_to_reach(flat, "a", "256p", 24.0)["steps"] is None
+    table = {"256p": {"a": {"psnr": rows[-1]["psnr"]}, "bicubic": {"psnr": 24.0}}}
+    [line] = study.gap_lines(rows, table, "a")
+    assert "+1.39 dB per doubling" in line and "~1,097 steps" in line

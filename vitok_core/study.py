@@ -218,6 +218,44 @@ def verdicts(table: Mapping[str, Mapping[str, Mapping[str, Any]]], arms: Sequenc
     return lines
 
 
+def steps_to_reach(rows: Sequence[Mapping[str, Any]], arm: str, setting: str, target: float) -> dict[str, Any] | None:
+    """Where `arm`'s PSNR at `setting` would reach `target` if it kept rising as it did over the second half of
+    training: a least-squares fit of PSNR = a + b ln(step) over the exports at or after half the last step.
+    None with fewer than 3 such points; "steps" None when the fit does not rise."""
+    points = sorted((r["step"], r["psnr"]) for r in rows if r["arm"] == arm and r["setting"] == setting and r["psnr"])
+    if not points:
+        return None
+    late = [(s, v) for s, v in points if s >= points[-1][0] / 2]
+    if len(late) < 3:
+        return None
+    slope, intercept = np.polyfit(np.log([s for s, _ in late]), [v for _, v in late], 1)
+    steps = float(np.exp((target - intercept) / slope)) if slope > 0 else None
+    return {"slope_db_per_doubling": float(slope * np.log(2)), "steps": steps, "points": len(late)}
+
+
+def gap_lines(
+    rows: Sequence[Mapping[str, Any]], table: Mapping[str, Mapping[str, Mapping[str, Any]]], arm: str
+) -> list[str]:
+    """Per setting where `arm` is below bicubic PSNR: its gain per doubling of steps late in training and the
+    steps at which that pace would reach bicubic."""
+    lines = []
+    for setting, by_arm in table.items():
+        ours, bicubic = by_arm.get(arm, {}).get("psnr"), by_arm.get("bicubic", {}).get("psnr")
+        if ours is None or bicubic is None or ours > bicubic:
+            continue
+        fit = steps_to_reach(rows, arm, setting, bicubic)
+        if fit is None:
+            continue
+        pace = (
+            f"{fit['slope_db_per_doubling']:+.2f} dB per doubling of steps (fit over the last {fit['points']} exports)"
+        )
+        reach = f"reaching bicubic's {bicubic:.2f} dB at ~{fit['steps']:,.0f} steps" if fit["steps"] else "not rising"
+        lines.append(
+            f"- {setting}: {arm} gains {pace}: {reach} if that pace held (an extrapolation, not a measurement)."
+        )
+    return lines
+
+
 def render_results(
     cfg: Any,
     info: Mapping[str, Any],
@@ -271,6 +309,11 @@ def render_results(
         "",
         *verdicts(table, arms),
         "",
+        *(
+            ["How the gap to bicubic closes with steps:", "", *gap_lines(rows, table, arms[0]), ""]
+            if gap_lines(rows, table, arms[0])
+            else []
+        ),
         "## Learning curves",
         "",
         "Every export (`train.export_every`) of both arms, evaluated on the held-out photos; the dashed line is "
