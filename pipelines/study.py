@@ -56,9 +56,17 @@ def _download_debian(root: Path, say: Callable[[str], None]) -> None:
         return
     say(f"study: downloading {', '.join(DEBIAN_PACKAGES)} (apt-get download, ~55 MB) into {root}")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True, capture_output=True)
-        for deb in sorted(Path(tmp).glob("*.deb")):
-            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        try:
+            subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True, capture_output=True)
+            for deb in sorted(Path(tmp).glob("*.deb")):
+                subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", b"") or b""
+            raise FileNotFoundError(
+                f"study photos: could not download and unpack {' '.join(DEBIAN_PACKAGES)} ({err}; "
+                f"{detail.decode(errors='replace').strip()[-300:]}). On a machine without apt, unpack the two "
+                f".deb files from a Debian mirror into {root} (their usr/share/... folders)"
+            ) from err
 
 
 def _download_sklearn_photos(folder: Path, say: Callable[[str], None]) -> None:
