@@ -21,7 +21,9 @@ from pipelines.stages import STAGES
 
 
 def deployments() -> list[Any]:
-    """`vitok-pipeline/pipeline` (the DAG) and `vitok-stage/<stage>` for each stage."""
+    """`vitok-pipeline/pipeline` (the DAG), `vitok-stage/<stage>` for each stage, `vitok-study/study`."""
+    from pipelines.study import study_flow
+
     dag = "ingest -> train_ae -> cache_latents -> train_flow -> evaluate; done stages are skipped"
     found = [full_pipeline.to_deployment(name="pipeline", description=dag, tags=["vitok"])]
     for stage in STAGES:
@@ -33,6 +35,13 @@ def deployments() -> list[Any]:
                 tags=["vitok", stage],
             )
         )
+    found.append(
+        study_flow.to_deployment(
+            name="study",
+            description="the CPU training study (configs/cpu_study.yaml, ~70 min): both arms, evaluation, results.md",
+            tags=["vitok", "study"],
+        )
+    )
     return found
 
 

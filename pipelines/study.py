@@ -35,6 +35,7 @@ from typing import Any
 from prefect import flow
 
 from pipelines.flows import _value, full_pipeline, run_stage
+from pipelines.form import Overrides, Preset
 from vitok_core import report, study
 from vitok_core.artifacts import join, read_json
 from vitok_core.config import apply_overrides, config_hash, load_config
@@ -117,9 +118,15 @@ def _commit() -> str:
 
 @flow(name="vitok-study", log_prints=True)
 def study_flow(
-    preset: str = "cpu_study", overrides: list[str] | None = None, out: str = "docs", data: str = ".data/study"
+    preset: Preset = "cpu_study", overrides: Overrides = (), out: str = "docs", data: str = ".data/study"
 ) -> dict[str, Any]:
-    """The CPU training study: data, both arms' ingest + train_ae, evaluate twice, the report."""
+    """The CPU training study (about 70 minutes on 2 cores): data, both arms' ingest + train_ae, evaluate
+    twice, the report.
+
+    Args:
+        out: Where results.md and results/*.png are written.
+        data: Where the photos, the training crops and the held-out set go (downloaded once).
+    """
     overrides = list(overrides or [])
     base = load_config(preset, overrides)
     # A rerun skips what is done and re-renders the report: timings, date and commit of the phases it skips

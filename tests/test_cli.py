@@ -237,8 +237,8 @@ def test_deployments_cover_the_dag_and_every_stage():
     from pipelines.deploy import deployments
 
     found = deployments()
-    assert [d.name for d in found] == ["pipeline", *stages.STAGES]
-    assert [d.parameters.get("stage") for d in found[1:]] == list(stages.STAGES)
+    assert [d.name for d in found] == ["pipeline", *stages.STAGES, "study"]
+    assert [d.parameters.get("stage") for d in found[1:-1]] == list(stages.STAGES)
     from prefect.utilities.callables import parameter_schema
 
     from pipelines.flows import full_pipeline
@@ -255,7 +255,7 @@ def test_run_form_schema_has_descriptions_choices_and_a_string_list():
     from pipelines.form import OVERRIDE_PATTERN
     from vitok_core.config import preset_names
 
-    pipeline, *per_stage = deployments()
+    pipeline, *per_stage, study = deployments()
     schema = pipeline._parameter_openapi_schema.model_dump_for_openapi()
     props = schema["properties"]
     assert schema.get("required", []) == []  # every parameter has a default: the form runs as it opens
@@ -273,6 +273,9 @@ def test_run_form_schema_has_descriptions_choices_and_a_string_list():
         stage_props = deployment._parameter_openapi_schema.model_dump_for_openapi()["properties"]
         assert stage_props["stage"]["readOnly"] and stage_props["stage"]["enum"] == [stage]
         assert all(stage_props[name].get("description") for name in ("stage", "preset", "overrides", "force"))
+    study_props = study._parameter_openapi_schema.model_dump_for_openapi()["properties"]
+    assert study_props["preset"]["default"] == "cpu_study" and study_props["preset"]["enum"] == preset_names()
+    assert all(study_props[name].get("description") for name in ("preset", "overrides", "out", "data"))
 
 
 # ------------------------------------------------------------------------------------------------
