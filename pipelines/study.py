@@ -56,6 +56,7 @@ def _download_debian(root: Path, say: Callable[[str], None]) -> None:
     if all((root / d).is_dir() for d in (study.MATE_DIR, study.TUXPAINT_DIR)):
         return
     say(f"study: downloading {', '.join(DEBIAN_PACKAGES)} (apt-get download, ~55 MB) into {root}")
+    root.mkdir(parents=True, exist_ok=True)  # dpkg -x does not create it
     with tempfile.TemporaryDirectory() as tmp:
         try:
             subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=tmp, check=True, capture_output=True)
