@@ -13,6 +13,7 @@ from PIL import Image
 from pipelines.study import ARMS
 from vitok_core import report, study
 from vitok_core.config import load_config
+from vitok_core.demo import DEMO_ASPECTS, crop_box
 
 MATE = ["Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
         "TwoWings", "Wood", "YellowFlower"]  # fmt: skip
@@ -77,9 +78,9 @@ def test_training_crops_are_deterministic_multiscale_and_never_upscaled(sources,
 
 def test_crop_box_keeps_its_aspect_and_a_minimum_side():
     rng = np.random.default_rng(0)
-    for aspect in study.CROP_ASPECTS:
+    for aspect in DEMO_ASPECTS:
         for _ in range(50):
-            left, top, w, h = study.crop_box(640, 427, aspect, rng, (0.2, 1.0))
+            left, top, w, h = crop_box(640, 427, aspect, rng, (0.2, 1.0))
             assert left >= 0 and left + w <= 640 and top >= 0 and top + h <= 427
             assert min(w, h) >= 96 and abs(w / h - aspect) < 0.05
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vitok_core.config import load_config
@@ -48,12 +49,23 @@ def demo_photo_paths() -> list[Path]:
 DEMO_ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3)
 
 
+def crop_box(
+    width: int, height: int, aspect: float, rng: np.random.Generator, scale: tuple[float, float], min_side: int = 96
+) -> tuple[int, int, int, int]:
+    """(left, top, box width, box height): a box of `aspect` (w/h), its sides a `scale` fraction (uniform)
+    of the largest such box inside the photo, at a uniform position; its short side at least `min_side`
+    where the photo allows (ingest rejects images under 64 px)."""
+    box_w, box_h = (height * aspect, height) if width / height > aspect else (width, width / aspect)
+    fraction = min(1.0, max(rng.uniform(*scale), min_side / min(box_w, box_h)))
+    box_w, box_h = max(1, round(box_w * fraction)), max(1, round(box_h * fraction))
+    return int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1)), box_w, box_h
+
+
 def write_demo_folder(root: Path, per_photo: int = 12, seed: int = 0) -> list[Path]:
     """The pipeline's embedded demo data set: `per_photo` deterministic crops of each demo photo (random
     box of a common aspect ratio, 50-100% of the largest, short side 160-320 px) as JPEGs under
     `root/<photo name>/`, so that the photo name is the class. Written once; an existing complete folder
     is kept as it is (its files, and so the ingest key, stay the same)."""
-    import numpy as np
     from PIL import Image
 
     done = root / "_COMPLETE"
@@ -67,11 +79,7 @@ def write_demo_folder(root: Path, per_photo: int = 12, seed: int = 0) -> list[Pa
         (root / photo_path.stem).mkdir(parents=True, exist_ok=True)
         for i in range(per_photo):
             aspect = DEMO_ASPECTS[i % len(DEMO_ASPECTS)]
-            w, h = photo.size
-            box_w, box_h = (h * aspect, h) if w / h > aspect else (w, w / aspect)
-            scale = rng.uniform(0.5, 1.0)
-            box_w, box_h = round(box_w * scale), round(box_h * scale)
-            left, top = int(rng.integers(0, w - box_w + 1)), int(rng.integers(0, h - box_h + 1))
+            left, top, box_w, box_h = crop_box(photo.width, photo.height, aspect, rng, (0.5, 1.0), min_side=0)
             short = int(rng.integers(160, 321))
             size = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
             crop = photo.crop((left, top, left + box_w, top + box_h)).resize(size, Image.Resampling.LANCZOS)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from vitok_core.demo import DEMO_ASPECTS, crop_box
 from vitok_core.variants import parse_variant
 
 SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
@@ -36,7 +37,6 @@ HELD_OUT = (
     ("tuxpaint", "rocks.jpg"),
     ("tuxpaint", "sheep.jpg"),
 )
-CROP_ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3)
 
 
 @dataclass(frozen=True)
@@ -94,18 +94,6 @@ def write_heldout(photos: Sequence[Photo], root: Path) -> list[Path]:
     return paths
 
 
-def crop_box(
-    width: int, height: int, aspect: float, rng: np.random.Generator, scale: tuple[float, float], min_side: int = 96
-) -> tuple[int, int, int, int]:
-    """(left, top, box width, box height): a box of `aspect` (w/h), its sides a `scale` fraction (uniform)
-    of the largest such box inside the photo, at a uniform position; its short side at least `min_side`
-    where the photo allows (ingest rejects images under 64 px)."""
-    box_w, box_h = (height * aspect, height) if width / height > aspect else (width, width / aspect)
-    fraction = min(1.0, max(rng.uniform(*scale), min_side / min(box_w, box_h)))
-    box_w, box_h = max(1, round(box_w * fraction)), max(1, round(box_h * fraction))
-    return int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1)), box_w, box_h
-
-
 def write_training_crops(
     photos: Sequence[Photo],
     root: Path,
@@ -115,7 +103,7 @@ def write_training_crops(
     short_side: tuple[int, int] = (192, 448),
 ) -> list[Path]:
     """`per_photo` crops of each training photo as JPEGs (quality 95) under root/<source>-<stem>/: aspect
-    ratios cycled through CROP_ASPECTS, box sides 20-100% of the largest box, short side drawn in
+    ratios cycled through DEMO_ASPECTS, box sides 20-100% of the largest box, short side drawn in
     `short_side` but never upscaled (a small box keeps its pixels: fine detail at its own scale). Written
     once, deterministic in `seed`; a complete folder (marker `_COMPLETE`) is kept as it is, so its ingest
     key stays the same."""
@@ -131,7 +119,7 @@ def write_training_crops(
             rgb = img.convert("RGB")
         (root / photo.label).mkdir(parents=True, exist_ok=True)
         for i in range(per_photo):
-            aspect = CROP_ASPECTS[i % len(CROP_ASPECTS)]
+            aspect = DEMO_ASPECTS[i % len(DEMO_ASPECTS)]
             left, top, box_w, box_h = crop_box(rgb.width, rgb.height, aspect, rng, scale)
             short = min(int(rng.integers(short_side[0], short_side[1] + 1)), min(box_w, box_h))
             size = (round(short * box_w / box_h), short) if box_w >= box_h else (short, round(short * box_h / box_w))
