@@ -456,57 +456,74 @@ def _config(overrides: list[str]) -> Any:
     return load_config("5b", overrides)  # budgets 256 and 1024, patch 16: the paper-scale settings
 
 
+CLUSTER_CPUS = 960  # the paper-scale ingest cluster (docs/scaling.md): finish_plan's `cpus` in the driver sim
+
+
 def worker_driver(p: dict[str, Any], phases: list[dict[str, Any]]) -> dict[str, Any]:
-    """jobs.ingest.run's driver-side work, with the Ray workers' outputs synthesized (see the docstring)."""
+    """jobs.ingest.run's driver-side work, with the Ray workers' outputs synthesized (see the docstring): the
+    same calls in the same order, each map's results handed to the driver as a stream, as map_tasks does."""
     from jobs.ingest import (
+        absorb_written,
         count,
-        dedup_plan,
         done_tasks,
+        finish_plan,
         ingest_settings,
         list_tasks,
         publish_plan,
+        tally_results,
     )
     from vitok_core.artifacts import join, mark_success, remove, write_json
-    from vitok_core.row_index import INDEX, IndexBuilder, count_row_groups, write_index
+    from vitok_core.row_index import INDEX, IndexBuilder
 
     cfg = _config([f"ingest.source={p['source']}", f"ingest.root={p['root']}"])
     settings = ingest_settings(cfg)
     budgets = settings["budgets"]
+    rows_per_file = settings["rows_per_file"]
     out = join(p["root"], "ingest", "driver")
     staging = join(out, "_staging")
     dist = p["dist"]
     rng = np.random.default_rng(p["seed"])
     clock = {"t": time.perf_counter(), "cpu": _cpu()}
-    simulated = {"s": 0.0}
+    simulated = {"s": 0.0, "since_wall": 0.0, "since_cpu": 0.0}
 
-    def phase(name: str) -> None:
+    def phase(name: str) -> None:  # wall and CPU of the driver's own work: the stand-ins' time left out
         now, cpu = time.perf_counter(), _cpu()
-        phases.append({"phase": name, "wall_s": now - clock["t"], "cpu_s": cpu - clock["cpu"], **_status()})
+        wall, used = now - clock["t"] - simulated["since_wall"], cpu - clock["cpu"] - simulated["since_cpu"]
+        phases.append({"phase": name, "wall_s": wall, "cpu_s": used, **_status()})
         clock["t"], clock["cpu"] = time.perf_counter(), _cpu()
+        simulated["since_wall"] = simulated["since_cpu"] = 0.0
 
-    def simulate(fn: Any) -> Any:  # the workers' outputs: built here, timed apart, held as the driver holds them
-        started = time.perf_counter()
-        value = fn()
-        simulated["s"] += time.perf_counter() - started
-        clock["t"], clock["cpu"] = time.perf_counter(), _cpu()
-        return value
+    def simulate(results: Any) -> Any:  # the workers' results, made one at a time as the driver asks for them
+        iterator = iter(results)
+        while True:
+            started, cpu = time.perf_counter(), _cpu()
+            try:
+                result = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                spent = time.perf_counter() - started
+                simulated["s"] += spent
+                simulated["since_wall"] += spent
+                simulated["since_cpu"] += _cpu() - cpu
+            yield result
 
     kind, tasks = list_tasks(settings, cfg.io)
     phase("list_tasks")
     done = done_tasks(staging)
-    rows = [{**t, "done": t["task"] in done} for t in tasks]
+    for t in tasks:  # as run(): the listing's dicts are the rows handed to Ray Data
+        t["done"] = t["task"] in done
     phase("done_tasks + rows for Ray Data")
 
     pairs, pair_p = dist["pairs"], np.array(dist["pair_p"])
     first_of = np.array([dist["first"].index(a) for a, _ in pairs])
     later_names = sorted({b for _, b in pairs})
     later_of = np.array([later_names.index(b) for _, b in pairs])
+    n_tasks = len(tasks)
 
-    def task_results() -> list[dict[str, Any]]:
-        results = []
-        n = len(tasks)
-        for lo in range(0, n, 1000):
-            hi = min(n, lo + 1000)
+    def task_results() -> Any:  # ingest_task's results
+        for lo in range(0, n_tasks, 1000):
+            hi = min(n_tasks, lo + 1000)
             rejected = rng.binomial(ROWS_PER_FILE, REJECT_SHARE, size=hi - lo)
             draws = np.stack([rng.multinomial(ROWS_PER_FILE - r, pair_p) for r in rejected])
             for i, (row, rej) in enumerate(zip(draws, rejected.tolist(), strict=True)):
@@ -522,87 +539,99 @@ def worker_driver(p: dict[str, Any], phases: list[dict[str, Any]]) -> dict[str, 
                         "1024": {later_names[j]: int(b1024[j]) for j in np.flatnonzero(b1024)},
                     },
                 }
-                results.append({"task": tasks[lo + i]["task"], "done": False, "summary": json.dumps(summary)})
-        return results
+                yield {"task": lo + i, "done": False, "summary": json.dumps(summary)}
 
-    results = simulate(task_results)
-    summaries = {r["task"]: json.loads(r["summary"]) for r in results}
-    phase("summaries")
+    tally = tally_results(simulate(task_results()), budgets)
+    del tasks  # as run()
+    phase("tally (summaries as they arrive)")
     remove(join(out, "data"))
     remove(join(out, "rejects"))
     remove(join(out, INDEX))
-    jobs = [{"job": json.dumps(j)} for j in dedup_plan(summaries, budgets)]
-    phase("remove + dedup_plan")
-    duplicates = simulate(
-        lambda: [
-            {
-                "bucket": json.loads(j["job"])["bucket"],
-                "duplicates": 0,
-                "file": "",
-                "per_bucket": {"256": {}, "1024": {}},
-            }
-            for j in jobs
-        ]
-    )
-    counts = count(summaries, duplicates, budgets)
-    phase("count")
-    jobs = [{"job": json.dumps(j)} for j in publish_plan(summaries, duplicates, budgets, settings["rows_per_file"])]
-    phase("publish_plan")
+    plan, large = finish_plan(tally, budgets, rows_per_file, p.get("cpus", CLUSTER_CPUS))
+    jobs = [{"job": json.dumps(j)} for j in plan]
+    phase("remove + finish_plan")
 
-    def publish_results() -> list[dict[str, Any]]:
-        written = []
-        limit = settings["rows_per_file"]
+    def files_index(bucket: str, part: int, n: int) -> dict[str, dict[str, list]]:  # a job's files' runs
+        sizes = [min(rows_per_file, n - o) for o in range(0, n, rows_per_file)]
+        later, p_ = dist["cond"][bucket]["names"], dist["cond"][bucket]["p"]
+        runs = runs_of(np.stack([rng.multinomial(s, p_) for s in sizes]))
+        index = {}
+        for k in range(len(sizes)):
+            sel = runs["file"] == k
+            cats = runs["cat"][sel].tolist()
+            index[f"data/bucket={bucket}/part-{part:05d}-{k:03d}.parquet"] = {
+                "row_group": runs["row_group"][sel].tolist(),
+                "start": runs["start"][sel].tolist(),
+                "rows": runs["rows"][sel].tolist(),
+                "bucket_256": [bucket] * len(cats),
+                "bucket_1024": [later[c] for c in cats],
+            }
+        return index
+
+    def rejected_rows(job_tasks: list[int]) -> int:
+        tasks_, rows_ = tally.rejected()
+        return int(rows_[np.isin(tasks_, job_tasks)].sum())
+
+    def finish_results(jobs: list[dict[str, str]]) -> Any:  # finish_task's results (no duplicates)
+        by_bucket = tally.by_bucket()
         for entry in jobs:
             job = json.loads(entry["job"])
-            if job["kind"] == "rejects":
-                n = sum(summaries[t]["read"] - summaries[t]["accepted"] for t in job["tasks"])
-                written.append({"kind": "rejects", "rows": n, "index": ""})
-                continue
-            n = sum(summaries[t]["per_bucket"]["256"][job["bucket"]] for t in job["tasks"])
-            sizes = [min(limit, n - o) for o in range(0, n, limit)]
-            later, p_ = dist["cond"][job["bucket"]]["names"], dist["cond"][job["bucket"]]["p"]
-            runs = runs_of(np.stack([rng.multinomial(s, p_) for s in sizes]))
-            index = {}
-            for k in range(len(sizes)):
-                sel = runs["file"] == k
-                name = f"data/bucket={job['bucket']}/part-{job['part']:05d}-{k:03d}.parquet"
-                cats = runs["cat"][sel].tolist()
-                index[name] = {
-                    "row_group": runs["row_group"][sel].tolist(),
-                    "start": runs["start"][sel].tolist(),
-                    "rows": runs["rows"][sel].tolist(),
-                    "bucket_256": [job["bucket"]] * len(cats),
-                    "bucket_1024": [later[c] for c in cats],
-                }
-            written.append({"kind": "data", "rows": n, "index": json.dumps(index)})
-        return written
+            if job["kind"] == "dedup":
+                dedup = {"bucket": job["bucket"], "duplicates": 0, "file": ""}
+                dedup["per_bucket"] = {"256": {}, "1024": {}}
+                result = {"kind": "dedup", "rows": 0, "index": "", "duplicates": [dedup]}
+            elif job["kind"] == "rejects":
+                result = {"kind": "rejects", "rows": rejected_rows(job["tasks"]), "index": "", "duplicates": []}
+            else:
+                index, rows = {}, 0
+                for bucket in job["buckets"]:
+                    n = int(by_bucket[bucket][1].sum())
+                    index.update(files_index(bucket, 0, n))
+                    rows += n
+                result = {"kind": "data", "rows": rows, "index": json.dumps(index), "duplicates": []}
+            yield {"result": json.dumps(result)}
 
-    written = simulate(publish_results)
     index = IndexBuilder([f"bucket_{t}" for t in budgets])
-    for result in written:
-        for name, runs in json.loads(result["index"] or "{}").items():
-            index.add(name, runs)
-    phase("IndexBuilder.add")
-    index_table = index.table()
-    phase("IndexBuilder.table (concat + sort)")
-    write_index(out, index_table)
+    rows_written, duplicates = absorb_written(simulate(finish_results(jobs)), index)
+    counts = count(tally, duplicates, budgets)
+    phase("finish: index.add + count")
+    jobs = [{"job": json.dumps(j)} for j in publish_plan(tally, duplicates, budgets, rows_per_file, large)]
+    publish_jobs = len(jobs)
+    phase("publish_plan")
+
+    def publish_results(jobs: list[dict[str, str]]) -> Any:  # publish_part's results
+        by_bucket = tally.by_bucket()
+        for entry in jobs:
+            job = json.loads(entry["job"])
+            tasks_, rows_ = by_bucket[job["bucket"]]
+            at = int(np.searchsorted(tasks_, job["tasks"][0]))
+            n = int(rows_[at : at + len(job["tasks"])].sum())
+            yield {"kind": "data", "rows": n, "index": json.dumps(files_index(job["bucket"], job["part"], n))}
+
+    rows_written += absorb_written(simulate(publish_results(jobs)), index)[0]
+    del jobs
+    if rows_written != counts["accepted"]:
+        raise RuntimeError(f"driver sim: {rows_written} rows written, {counts['accepted']} accepted")
+    phase("publish: index.add")
+    index.write(out)
     manifest = {
         "stage": "ingest",
         "settings": settings,
         "counts": counts,
-        "index": {"file": INDEX, "row_groups": count_row_groups(index_table), "runs": index_table.num_rows},
+        "index": {"file": INDEX, "row_groups": index.row_groups, "runs": index.runs},
     }
     write_json(join(out, "manifest.json"), manifest)
     mark_success(out)
-    phase("write_index + manifest")
-    held = (tasks, rows, results, summaries, jobs, duplicates, written, index, index_table)
+    phase("index.write + manifest")
+    held = (tally, plan, duplicates, index, counts)  # what run() still holds at its end
     return {
         "kind": kind,
-        "tasks": len(tasks),
-        "images": sum(s["read"] for s in summaries.values()),
-        "publish_jobs": len(jobs),
-        "files": sum(1 for r in written for _ in json.loads(r["index"] or "{}")),
-        "runs": index_table.num_rows,
+        "tasks": tally.tasks,
+        "images": tally.read,
+        "finish_jobs": len(plan),
+        "publish_jobs": publish_jobs,
+        "files": index.files,
+        "runs": index.runs,
         "simulated_s": simulated["s"],
         "held": len(held),
     }
@@ -862,6 +891,11 @@ def main() -> None:
     parser.add_argument(
         "--direct-max", type=int, default=10_000, help="largest N for list_tasks straight to moto (moto's share)"
     )
+    parser.add_argument(
+        "--only",
+        choices=["ingest_driver"],
+        help="measure only this (ingest_driver: the driver rows and fits; no output index, no check at 976,563)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -873,7 +907,8 @@ def main() -> None:
     from tests.s3_proxy import S3FaultProxy
 
     sizes = args.sizes or ([1000, 10_000] if args.quick else [1000, 10_000, 100_000])
-    check = not (args.quick or args.no_check)
+    check = not (args.quick or args.no_check or args.only)
+    everything = not args.only
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     begun = time.perf_counter()
     env_info: dict[str, Any] = {
@@ -898,6 +933,7 @@ def main() -> None:
         "put_threads": args.put_threads,
         "repeat": args.repeat,
         "direct_max": args.direct_max,
+        "only": args.only,
     }
 
     def log(message: str) -> None:
@@ -932,21 +968,35 @@ def main() -> None:
             in_fit = n in sizes
             log(f"N = {n:,} data files ({n * ROWS_PER_FILE:,} rows){'' if in_fit else ': check, not in the fit'}")
             s: dict[str, Any] = {}
-            s["output"] = put_output(moto, n, dist, n in args.footer_sizes, args.put_threads)
-            o = s["output"]
-            log(
-                f"  setup: index of {o['runs']:,} runs ({o['index_bytes'] / 2**10:,.0f} KiB) in {o['seconds']:.1f} s"
-                + (f", with {o['data_files_written']:,} data files" if o["data_files_written"] else "")
-            )
+            if everything:
+                s["output"] = put_output(moto, n, dist, n in args.footer_sizes, args.put_threads)
+                o = s["output"]
+                log(
+                    f"  setup: index of {o['runs']:,} runs ({o['index_bytes'] / 2**10:,.0f} KiB) "
+                    f"in {o['seconds']:.1f} s"
+                    + (f", with {o['data_files_written']:,} data files" if o["data_files_written"] else "")
+                )
             if in_fit:
                 s["source"] = put_sources(moto, n, args.put_threads)
                 log(
                     f"  setup: {n:,} source objects PUT in {s['source']['seconds']:.1f} s "
                     f"({n / s['source']['seconds']:.0f}/s)"
                 )
-            if n == 1000:
+            if n == 1000 and everything:
                 s["parquet_source"] = put_parquet_sources(moto, n, args.put_threads)
             setup[str(n)] = s
+            if in_fit:
+                source = s["source"]["uri"]
+                p = {
+                    "imports": "driver",
+                    "source": source,
+                    "root": f"s3://bench-scale-out-{n}/driver",
+                    "seed": n,
+                    "dist": dist,
+                }
+                runner.run("ingest driver (list_tasks + after the map)", "ingest_driver", n, p)
+            if not everything:
+                continue
             uri = o["uri"]
             common = {"imports": "readers", "rank": args.rank, "world": args.world}
             r = args.repeat
@@ -976,24 +1026,14 @@ def main() -> None:
                 runner.run(
                     "evaluate planning, max_images 0 (all)", "evaluate_plan", n, {**common, "uri": uri, "max_images": 0}
                 )
-            if in_fit:
-                source = s["source"]["uri"]
-                p = {
-                    "imports": "driver",
-                    "source": source,
-                    "root": f"s3://bench-scale-out-{n}/driver",
-                    "seed": n,
-                    "dist": dist,
-                }
-                runner.run("ingest driver (list_tasks + after the map)", "ingest_driver", n, p)
-                if n <= args.direct_max:
-                    runner.run(
-                        "ingest list_tasks, straight to moto",
-                        "ingest_list",
-                        n,
-                        {"imports": "driver", "source": source},
-                        direct=True,
-                    )
+            if in_fit and n <= args.direct_max:
+                runner.run(
+                    "ingest list_tasks, straight to moto",
+                    "ingest_list",
+                    n,
+                    {"imports": "driver", "source": s["source"]["uri"]},
+                    direct=True,
+                )
             if n == 1000:
                 runner.run(
                     "ingest list_tasks, Parquet source",
@@ -1014,7 +1054,8 @@ def main() -> None:
     env_info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     env_info["run_s"] = time.perf_counter() - begun
     settings["calibration"] = calibration
-    report(runner, setup, baselines, settings, env_info, sizes, pairs_per_first, proxy_stats, dist)
+    results = RESULTS if everything else RESULTS.with_name(f"bench_scale_{args.only}.json")
+    report(runner, setup, baselines, settings, env_info, sizes, pairs_per_first, proxy_stats, dist, results)
 
 
 def _driver_phase(row: dict[str, Any], name: str) -> dict[str, Any]:
@@ -1037,6 +1078,7 @@ def report(
     pairs_per_first: dict[str, int],
     proxy_stats: dict[str, Any],
     dist: dict[str, Any],
+    results: Path = RESULTS,
 ) -> None:
     rows = runner.rows
     latency_s = settings["latency_ms"] / 1000
@@ -1200,7 +1242,7 @@ def report(
         print(line)
     s_lines = []
     for n, s in setup.items():
-        parts = [f"index {s['output']['seconds']:.1f} s"]
+        parts = [f"index {s['output']['seconds']:.1f} s"] if "output" in s else []
         if "source" in s:
             parts.append(f"{int(n):,} source PUTs {s['source']['seconds']:.1f} s")
         s_lines.append(f"N = {int(n):,}: " + ", ".join(parts))
@@ -1209,8 +1251,8 @@ def report(
         f"load average {env_info['loadavg_start']} -> {env_info['loadavg_end']}; run {env_info['run_s']:.0f} s; "
         f"proxy: {proxy_stats['requests']:,} requests, {proxy_stats['faults_total']} faults"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(
         json.dumps(
             {
                 "environment": env_info,
@@ -1229,7 +1271,7 @@ def report(
             default=str,
         )
     )
-    print(f"results: {RESULTS.relative_to(REPO)}")
+    print(f"results: {results.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

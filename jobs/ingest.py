@@ -34,7 +34,10 @@ How it runs, and why it survives a crash:
      A crash in steps 3-4 leaves no _SUCCESS; the rerun deletes data/, rejects/ and the index and redoes
      those steps.
 Every step is a plain copy of bytes already encoded: no shuffle of image bytes through the object store.
-The driver holds one small summary (counts) per task and the plans; never image records or ids.
+The driver never holds image records or ids, nor every task's summary or every file's index runs: it counts
+each task's summary as it arrives (Tally: totals, and each task's rows per first-budget bucket as int32 arrays),
+hands Ray the plans as JSON, adds each data file's runs to the index as codes as they arrive (IndexBuilder),
+and writes index.parquet sorted, a slice at a time (its memory at 2B images: docs/scaling.md section 3).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import tarfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -67,7 +70,7 @@ from vitok_core.artifacts import absolute, is_complete, join, mark_success, read
 from vitok_core.config import VitokConfig, to_dict
 from vitok_core.fingerprint import manifest_fields
 from vitok_core.ingest import IngestRules, Outcome, process_image
-from vitok_core.row_index import INDEX, IndexBuilder, count_row_groups, file_runs, group_sizes, write_index
+from vitok_core.row_index import INDEX, IndexBuilder, file_runs, group_sizes
 from vitok_core.variants import parse_variant
 
 log = logging.getLogger("vitok.ingest")
@@ -189,6 +192,7 @@ def list_tasks(settings: dict[str, Any], retry: Any = None) -> tuple[str, list[d
         paths = sorted(fs.find(root))
     else:
         raise FileNotFoundError(f"ingest.source={source!r} does not exist")
+    fs.invalidate_cache()  # s3fs keeps every listed entry (dicts, ~1-2 KB a shard) for its next listing
     kind = settings["source_format"]
     if kind == "auto":
         suffixes = {os.path.splitext(p)[1].lower() for p in paths}
@@ -449,23 +453,96 @@ DEDUP_ROWS = 4_000_000  # ~0.5 GB of id + source strings in one task
 REJECT_COLUMNS = ["id", "source", "label", "reason", "detail", "orig_width", "orig_height"]
 
 
-def dedup_plan(summaries: dict[int, dict[str, Any]], budgets: list[int]) -> list[dict[str, Any]]:
-    """One dedup job per (bucket, id shard): which task files hold rows of the bucket."""
-    holders: dict[str, list[int]] = defaultdict(list)
-    totals: Counter = Counter()
-    for task in sorted(summaries):
-        for bucket, n in summaries[task]["per_bucket"][str(budgets[0])].items():
-            holders[bucket].append(task)
-            totals[bucket] += n
+class Tally:
+    """What the driver keeps of the tasks' summaries (step 2): the totals the manifest counts, and each
+    task's accepted rows per first-budget bucket and its rejected rows, as int32 arrays (a task, a bucket
+    code, rows), not a summary a task. Summaries are added one at a time as the tasks return them, so the
+    driver never holds them all: at 976,563 tasks of ~20 buckets this is ~0.25 GB, where the summaries
+    (JSON strings and dicts, with the counts at every budget) were ~11 GB."""
+
+    def __init__(self, budgets: list[int]) -> None:
+        self.budgets = [str(t) for t in budgets]
+        self.tasks = 0
+        self.read = 0
+        self.reasons: Counter = Counter()
+        self.per_bucket: dict[str, Counter] = {t: Counter() for t in self.budgets}
+        self.buckets: list[str] = []  # the first budget's buckets, by code
+        self._codes: dict[str, int] = {}
+        self._pending: tuple[list[int], list[int], list[int]] = ([], [], [])  # task, bucket code, rows
+        self._chunks: list[np.ndarray] = []  # (3, n) int32: task, bucket code, rows
+        self._rejected: tuple[list[int], list[int]] = ([], [])  # task, rejected rows (tasks with any)
+        self._grouped: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    @classmethod
+    def of(cls, summaries: dict[int, dict[str, Any]], budgets: list[int]) -> Tally:
+        """A tally of the summaries of `summaries` (task -> summary, summarize's)."""
+        tally = cls(budgets)
+        for task, summary in summaries.items():
+            tally.add(task, summary)
+        return tally
+
+    def add(self, task: int, summary: dict[str, Any]) -> None:
+        """Count one task's summary (summarize's)."""
+        self.tasks += 1
+        self.read += summary["read"]
+        self.reasons.update(summary["rejected_by_reason"])
+        for t in self.budgets:
+            self.per_bucket[t].update(summary["per_bucket"][t])
+        tasks, codes, rows = self._pending
+        for bucket, n in summary["per_bucket"][self.budgets[0]].items():
+            if bucket not in self._codes:
+                self._codes[bucket] = len(self.buckets)
+                self.buckets.append(bucket)
+            tasks.append(task)
+            codes.append(self._codes[bucket])
+            rows.append(n)
+        if summary["read"] > summary["accepted"]:
+            self._rejected[0].append(task)
+            self._rejected[1].append(summary["read"] - summary["accepted"])
+        if len(tasks) >= 1 << 16:
+            self._flush()
+        self._grouped = None
+
+    def _flush(self) -> None:
+        if self._pending[0]:
+            self._chunks.append(np.array(self._pending, dtype=np.int32))
+            self._pending = ([], [], [])
+
+    def by_bucket(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """First-budget bucket (sorted) -> (the tasks holding its rows, in task order; their rows there)."""
+        if self._grouped is None:
+            self._flush()
+            pairs = np.concatenate(self._chunks, axis=1) if self._chunks else np.zeros((3, 0), np.int32)
+            self._chunks = [pairs]
+            order = np.lexsort((pairs[0], pairs[1]))
+            task, code, rows = pairs[0][order], pairs[1][order], pairs[2][order]
+            del order
+            bounds = np.flatnonzero(np.diff(code)) + 1
+            starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(code)]])
+            grouped = {self.buckets[code[b]]: (task[b:e], rows[b:e]) for b, e in zip(starts, ends, strict=True)}
+            self._grouped = {bucket: grouped[bucket] for bucket in sorted(grouped)}
+        return self._grouped
+
+    def rejected(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the tasks with rejected rows, in task order; their rejected rows)."""
+        tasks, rows = (np.asarray(x, dtype=np.int64) for x in self._rejected)
+        order = np.argsort(tasks, kind="stable")
+        return tasks[order], rows[order]
+
+
+def dedup_plan(tally: Tally, budgets: list[int], buckets: set[str] | None = None) -> list[dict[str, Any]]:
+    """One dedup job per (bucket, id shard) of `buckets` (None: all): which task files hold rows of the bucket."""
     jobs = []
-    for bucket in sorted(holders):
-        shards = math.ceil(totals[bucket] / DEDUP_ROWS)
-        jobs += [{"bucket": bucket, "shard": s, "shards": shards, "tasks": holders[bucket]} for s in range(shards)]
+    for bucket, (tasks, rows) in tally.by_bucket().items():
+        if buckets is None or bucket in buckets:
+            shards = math.ceil(int(rows.sum()) / DEDUP_ROWS)
+            holders = tasks.tolist()
+            jobs += [{"bucket": bucket, "shard": s, "shards": shards, "tasks": holders} for s in range(shards)]
     return jobs
 
 
 def finish_plan(
-    summaries: dict[int, dict[str, Any]], budgets: list[int], rows_per_file: int, cpus: int
+    tally: Tally, budgets: list[int], rows_per_file: int, cpus: int
 ) -> tuple[list[dict[str, Any]], set[str]]:
     """Step 3's jobs, and the buckets left to step 4.
 
@@ -475,14 +552,9 @@ def finish_plan(
     where the rows allow. A larger bucket is deduplicated here ("dedup", dedup_plan's shards) and published
     in step 4, which needs every shard's duplicates. The rejects (a duplicate is written by its dedup) are
     published here too. The output does not depend on `cpus`, only which task writes which file."""
-    first = str(budgets[0])
-    holders: dict[str, list[int]] = defaultdict(list)
-    totals: Counter = Counter()
-    for task in sorted(summaries):
-        for bucket, n in summaries[task]["per_bucket"][first].items():
-            holders[bucket].append(task)
-            totals[bucket] += n
-    small = [b for b in sorted(holders) if totals[b] <= min(rows_per_file, DEDUP_ROWS)]
+    holders = {bucket: tasks for bucket, (tasks, _) in tally.by_bucket().items()}
+    totals = {bucket: int(rows.sum()) for bucket, (_, rows) in tally.by_bucket().items()}
+    small = [b for b in holders if totals[b] <= min(rows_per_file, DEDUP_ROWS)]
     limit = max(1, min(rows_per_file, math.ceil(sum(totals[b] for b in small) / max(1, cpus))))
     runs: list[list[str]] = []
     rows = limit
@@ -492,10 +564,13 @@ def finish_plan(
             rows = 0
         runs[-1].append(bucket)
         rows += totals[bucket]
-    jobs = [{"kind": "buckets", "buckets": r, "tasks": sorted({t for b in r for t in holders[b]})} for r in runs]
+    jobs = [
+        {"kind": "buckets", "buckets": r, "tasks": np.unique(np.concatenate([holders[b] for b in r])).tolist()}
+        for r in runs
+    ]
     large = set(holders) - set(small)
-    jobs += [{"kind": "dedup", **j} for j in dedup_plan(summaries, budgets) if j["bucket"] in large]
-    return [*jobs, *rejects_plan(summaries)], large
+    jobs += [{"kind": "dedup", **j} for j in dedup_plan(tally, budgets, large)]
+    return [*jobs, *rejects_plan(tally)], large
 
 
 def finish_task(row: dict[str, Any], staging: str, out: str, budgets: list[int], rows_per_file: int) -> dict:
@@ -609,7 +684,7 @@ def _write(uri: str, table: pa.Table, rows_per_group: int = ROWS_PER_GROUP) -> N
         pq.write_table(table, f, row_group_size=rows_per_group, **parquet_options(table.schema))
 
 
-def _chunks(tasks: list[tuple[int, int]], limit: int) -> list[list[int]]:
+def _chunks(tasks: Iterable[tuple[int, int]], limit: int) -> list[list[int]]:
     """Consecutive tasks grouped so that each group holds at most `limit` rows (or one task, if larger)."""
     groups: list[list[int]] = []
     rows = limit
@@ -623,35 +698,29 @@ def _chunks(tasks: list[tuple[int, int]], limit: int) -> list[list[int]]:
 
 
 def publish_plan(
-    summaries: dict[int, dict[str, Any]],
+    tally: Tally,
     duplicates: list[dict[str, Any]],
     budgets: list[int],
     rows_per_file: int,
     buckets: set[str] | None = None,
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """One publish job per output file of `buckets` (None: all): a bucket's rows from a run of consecutive
-    tasks."""
-    first = str(budgets[0])
-    per_bucket: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for task in sorted(summaries):
-        for bucket, n in summaries[task]["per_bucket"][first].items():
-            if buckets is None or bucket in buckets:
-                per_bucket[bucket].append((task, n))
+    tasks. Yielded one at a time, in bucket order: the driver keeps each only as the JSON it hands Ray."""
     dup_files: dict[str, list[str]] = defaultdict(list)
     for d in duplicates:
         if d["file"]:
             dup_files[d["bucket"]].append(d["file"])
-    jobs = []
-    for bucket in sorted(per_bucket):
-        for part, tasks in enumerate(_chunks(per_bucket[bucket], rows_per_file)):
-            jobs.append({"kind": "data", "bucket": bucket, "part": part, "tasks": tasks, "dups": dup_files[bucket]})
-    return jobs
+    for bucket, (tasks, rows) in tally.by_bucket().items():
+        if buckets is None or bucket in buckets:
+            pairs = zip(tasks.tolist(), rows.tolist(), strict=True)
+            for part, run in enumerate(_chunks(pairs, rows_per_file)):
+                yield {"kind": "data", "bucket": bucket, "part": part, "tasks": run, "dups": dup_files[bucket]}
 
 
-def rejects_plan(summaries: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+def rejects_plan(tally: Tally) -> list[dict[str, Any]]:
     """One job per rejects file: the rejects of a run of consecutive tasks."""
-    rejected = [(t, summaries[t]["read"] - summaries[t]["accepted"]) for t in sorted(summaries)]
-    parts = _chunks([(t, n) for t, n in rejected if n], REJECT_ROWS)
+    tasks, rows = tally.rejected()
+    parts = _chunks(zip(tasks.tolist(), rows.tolist(), strict=True), REJECT_ROWS)
     return [
         {"kind": "rejects", "bucket": "", "part": part, "tasks": tasks, "dups": []} for part, tasks in enumerate(parts)
     ]
@@ -703,20 +772,16 @@ def _publish_rows(
     return table.num_rows, index
 
 
-def count(summaries: dict[int, dict[str, Any]], duplicates: list[dict[str, Any]], budgets: list[int]) -> dict:
+def count(tally: Tally, duplicates: list[dict[str, Any]], budgets: list[int]) -> dict:
     """Manifest counts: the tasks' summaries, with the duplicates moved from their buckets to the rejects."""
-    reasons: Counter = Counter()
-    per_bucket = {str(t): Counter() for t in budgets}
-    for summary in summaries.values():
-        reasons.update(summary["rejected_by_reason"])
-        for t in per_bucket:
-            per_bucket[t].update(summary["per_bucket"][t])
+    reasons = Counter(tally.reasons)
+    per_bucket = {str(t): Counter(tally.per_bucket[str(t)]) for t in budgets}
     for d in duplicates:
         reasons["duplicate"] += d["duplicates"]
         for t in per_bucket:
             per_bucket[t].subtract(d["per_bucket"][t])
     per_bucket = {t: {b: n for b, n in sorted(c.items()) if n} for t, c in per_bucket.items()}
-    read = sum(s["read"] for s in summaries.values())
+    read = tally.read
     accepted = sum(per_bucket[str(budgets[0])].values())
     return {
         "read": read,
@@ -737,19 +802,41 @@ def versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------
-def ray_map(fn: Any, rows: list[dict[str, Any]], kwargs: dict[str, Any], desc: str) -> list[dict[str, Any]]:
-    """Run `fn` on every row as one Ray Data task each (streamed, retried by Ray), with a progress bar."""
+def map_tasks(fn: Any, rows: list[dict[str, Any]], kwargs: dict[str, Any], desc: str) -> Iterator[dict[str, Any]]:
+    """Run `fn` on every row as one Ray Data task each (streamed, retried by Ray), with a progress bar; yields
+    each task's result as it arrives, so that the driver keeps of it only what it needs."""
     import ray
 
     if not rows:
-        return []
+        return
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map(fn, fn_kwargs=kwargs)
-    results = []
     with tqdm(total=len(rows), unit="task", desc=desc) as bar:
         for result in ds.iter_rows():
-            results.append(result)
+            yield result
             bar.update(1)
-    return results
+
+
+def tally_results(results: Iterable[dict[str, Any]], budgets: list[int]) -> Tally:
+    """Step 2's results (ingest_task's), counted as they arrive: the summaries are not kept."""
+    tally = Tally(budgets)
+    for result in results:
+        tally.add(result["task"], json.loads(result["summary"]))
+    return tally
+
+
+def absorb_written(results: Iterable[dict[str, Any]], index: IndexBuilder) -> tuple[int, list[dict[str, Any]]]:
+    """Steps 3-4's results (finish_task's, publish_part's) as they arrive: each written data file's runs
+    go to `index`; returns the data rows written and the duplicates found (dedup's results)."""
+    rows, duplicates = 0, []
+    for result in results:
+        if "result" in result:  # finish_task's, wrapped as JSON
+            result = json.loads(result["result"])
+        if result["kind"] == "data":
+            rows += result["rows"]
+        for name, runs in json.loads(result["index"] or "{}").items():
+            index.add(name, runs)
+        duplicates += result.get("duplicates", [])
+    return rows, duplicates
 
 
 def run(cfg: VitokConfig) -> dict[str, Any]:
@@ -777,10 +864,11 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     # tasks on 2 CPUs took 3.1 s with it, 2.2 s without); there is nothing to reserve for here.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     retry_transient_tasks(cfg.io)  # a task whose read outlived its retries: retried by Ray Data, then fails
-    rows = [{**t, "done": t["task"] in done} for t in tasks]
+    for t in tasks:  # the rows handed to Ray Data: the listing's own dicts, not a copy
+        t["done"] = t["task"] in done
     kwargs = {"settings": settings, "staging": staging, "retry": to_dict(cfg.io)}
-    results = ray_map(ingest_task, rows, kwargs, "ingest: process")
-    summaries = {r["task"]: json.loads(r["summary"]) for r in results}
+    tally = tally_results(map_tasks(ingest_task, tasks, kwargs, "ingest: process"), budgets)
+    del tasks  # the listing is not needed after step 2: its memory goes to the plans and the index
     processed = time.time()
 
     # A crash after this point leaves no _SUCCESS; the rerun summarises the staging files and redoes the rest.
@@ -789,32 +877,27 @@ def run(cfg: VitokConfig) -> dict[str, Any]:
     remove(join(out, INDEX))
     rows_per_file = settings["rows_per_file"]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    plan, large = finish_plan(summaries, budgets, rows_per_file, cpus)
+    plan, large = finish_plan(tally, budgets, rows_per_file, cpus)
     kwargs = {"staging": staging, "out": out, "budgets": budgets, "rows_per_file": rows_per_file}
     jobs = [{"job": json.dumps(j)} for j in plan]
-    finished = [json.loads(r["result"]) for r in ray_map(finish_task, jobs, kwargs, "ingest: dedup")]
-    duplicates = [d for result in finished for d in result["duplicates"]]
-    counts = count(summaries, duplicates, budgets)
+    index = IndexBuilder([f"bucket_{t}" for t in budgets])  # every data file's runs, as its task returns them
+    rows_written, duplicates = absorb_written(map_tasks(finish_task, jobs, kwargs, "ingest: dedup"), index)
+    counts = count(tally, duplicates, budgets)
     deduplicated = time.time()
 
-    jobs = [{"job": json.dumps(j)} for j in publish_plan(summaries, duplicates, budgets, rows_per_file, large)]
-    written = [*finished, *ray_map(publish_part, jobs, kwargs, "ingest: publish")]
-    rows_written = sum(r["rows"] for r in written if r["kind"] == "data")
+    jobs = [{"job": json.dumps(j)} for j in publish_plan(tally, duplicates, budgets, rows_per_file, large)]
+    rows_written += absorb_written(map_tasks(publish_part, jobs, kwargs, "ingest: publish"), index)[0]
+    del jobs
     if rows_written != counts["accepted"]:  # never publish a set that disagrees with its own counts
         raise RuntimeError(f"ingest publish wrote {rows_written} rows, expected {counts['accepted']}")
-    index = IndexBuilder([f"bucket_{t}" for t in budgets])
-    for result in written:
-        for name, runs in json.loads(result["index"] or "{}").items():
-            index.add(name, runs)
-    index_table = index.table()
-    write_index(out, index_table)  # part of the output: before the manifest and _SUCCESS
+    index.write(out)  # part of the output: before the manifest and _SUCCESS; sorted and written a slice at a time
     manifest = {
         "stage": "ingest",
         "key": out.rstrip("/").rsplit("/", 1)[-1],
         "output": out,
         "settings": settings,
         "counts": counts,
-        "index": {"file": INDEX, "row_groups": count_row_groups(index_table), "runs": index_table.num_rows},
+        "index": {"file": INDEX, "row_groups": index.row_groups, "runs": index.runs},
         "timing_s": {
             "list": listed - start,
             "process": processed - listed,

@@ -100,6 +100,54 @@ def assert_same_shard(a: ShardIndex, b: ShardIndex) -> None:
             assert x == y, name
 
 
+def _random_runs(rng: np.random.Generator, files: int) -> list[tuple[str, dict]]:
+    """(file, runs) of `files` files named as publish names them, in a random order, runs as file_runs gives."""
+    added = []
+    for f in rng.permutation(files).tolist():
+        n = int(rng.integers(1, 40))
+        first = [f"{rng.integers(1, 30)}x{rng.integers(1, 30)}"] * n
+        second = np.sort(rng.choice(["8x12", "8x11", "10x15", "9x9"], size=n)).tolist()
+        name = f"data/bucket={first[0]}/part-{f % 7:05d}-{f // 7:03d}.parquet"  # names not in file order
+        added.append((name, file_runs({"bucket_64": first, "bucket_256": second}, group_sizes(n, 8))))
+    return added
+
+
+def test_builder_sorts_and_writes_as_one_table_sort(tmp_path, monkeypatch):
+    """IndexBuilder holds runs as codes and writes index.parquet a slice at a time: the same rows, order and
+    row groups (the same bytes) as sorting the table of every run and writing it whole (what it did before)."""
+    import vitok_core.row_index as row_index
+
+    rng = np.random.default_rng(5)
+    added = _random_runs(rng, 300)
+    added.append(added[3])  # a file added twice: its runs twice, as a table of every run has them
+    columns = ["bucket_64", "bucket_256"]
+    builder = IndexBuilder(columns, flush=50)  # many chunks
+    rows: dict[str, list] = {name: [] for name in row_index.schema(columns).names}
+    for name, runs in added:
+        builder.add(name, runs)
+        rows["file"] += [name] * len(runs["rows"])
+        for column in rows.keys() - {"file"}:
+            rows[column] += runs[column]
+    reference = row_index.sort(pa.table(rows, schema=row_index.schema(columns)))
+    assert builder.table().equals(reference)
+    assert builder.runs == reference.num_rows and builder.row_groups == row_index.count_row_groups(reference)
+    sliced = list(builder.batches(rows_per_batch=97))
+    assert {b.num_rows for b in sliced[:-1]} == {97} and pa.Table.from_batches(sliced).equals(reference)
+
+    monkeypatch.setattr(row_index, "INDEX_ROWS_PER_GROUP", 1000)  # several row groups in the index file
+    row_index.write_index(str(tmp_path / "whole"), reference)
+    builder.write(str(tmp_path / "streamed"))
+    whole, streamed = (tmp_path / "whole" / INDEX, tmp_path / "streamed" / INDEX)
+    assert pq.ParquetFile(streamed).metadata.num_row_groups == -(-reference.num_rows // 1000) > 1
+    assert streamed.read_bytes() == whole.read_bytes()
+
+    empty = IndexBuilder(columns)
+    assert empty.table().equals(row_index.schema(columns).empty_table())
+    empty.write(str(tmp_path / "empty"))
+    row_index.write_index(str(tmp_path / "empty-ref"), row_index.schema(columns).empty_table())
+    assert (tmp_path / "empty" / INDEX).read_bytes() == (tmp_path / "empty-ref" / INDEX).read_bytes()
+
+
 # ------------------------------------------------------------------------------------------------
 # Fast: runs of files written as the publish step writes them, with several row groups each
 # ------------------------------------------------------------------------------------------------
