@@ -119,7 +119,9 @@ def test_builder_sorts_and_writes_as_one_table_sort(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(5)
     added = _random_runs(rng, 300)
-    added.append(added[3])  # a file added twice: its runs twice, as a table of every run has them
+    added += [added[3], added[3], added[40]]  # files added again: their runs again, as a table of every run has
+    reverse = {name: runs[::-1] for name, runs in added[7][1].items()}
+    added.append((added[7][0].replace("part-", "part-9"), reverse))  # a file's runs out of order
     columns = ["bucket_64", "bucket_256"]
     builder = IndexBuilder(columns, flush=50)  # many chunks
     rows: dict[str, list] = {name: [] for name in row_index.schema(columns).names}
@@ -131,8 +133,9 @@ def test_builder_sorts_and_writes_as_one_table_sort(tmp_path, monkeypatch):
     reference = row_index.sort(pa.table(rows, schema=row_index.schema(columns)))
     assert builder.table().equals(reference)
     assert builder.runs == reference.num_rows and builder.row_groups == row_index.count_row_groups(reference)
-    sliced = list(builder.batches(rows_per_batch=97))
-    assert {b.num_rows for b in sliced[:-1]} == {97} and pa.Table.from_batches(sliced).equals(reference)
+    for size in (1, 7, 97, reference.num_rows, 10 * reference.num_rows):
+        sliced = list(builder.batches(rows_per_batch=size))
+        assert {b.num_rows for b in sliced[:-1]} <= {size} and pa.Table.from_batches(sliced).equals(reference)
 
     monkeypatch.setattr(row_index, "INDEX_ROWS_PER_GROUP", 1000)  # several row groups in the index file
     row_index.write_index(str(tmp_path / "whole"), reference)

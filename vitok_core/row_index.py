@@ -25,6 +25,7 @@ Torch-free (ingest's Ray workers import it) and free of Ray and Prefect.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -117,27 +118,28 @@ def file_runs(buckets: Mapping[str, Sequence[str] | pa.ChunkedArray | pa.Array],
 
 class IndexBuilder:
     """Collects the runs of many files (in any order) and gives the index sorted, as a table or written to
-    index.parquet a slice at a time. A run is held as six int32 codes (file, row_group, start, rows, and
-    each bucket column's value as a code into that column's distinct values), each file name and bucket
-    value once: ~24 bytes per run at two budgets, so a driver indexing 17.7M runs (976,563 files) holds
-    ~0.4 GB, and writing the index adds the sort order and one slice of INDEX_ROWS_PER_GROUP rows."""
+    index.parquet a slice at a time. A run is held as int32s (row_group, start, rows, and each bucket column's
+    value as a code into that column's distinct values), a file as its name (in Arrow chunks) and its count of
+    runs: ~20 bytes a run at two budgets plus ~60 a file, so a driver indexing 17.7M runs (976,563 files)
+    holds ~0.4 GB; sorting adds ~30 bytes a file and one slice of runs at a time, never an order of every run."""
 
     def __init__(self, bucket_columns: Sequence[str], flush: int = 1 << 18) -> None:
         self.schema = schema(bucket_columns)
         self.bucket_columns = list(bucket_columns)
         self.flush = flush
-        self._files: list[str] = []  # a file's code is its position: one per add
         self._values: dict[str, dict[str, int]] = {name: {} for name in self.bucket_columns}  # value -> code
-        self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.schema.names}
-        self._pending: dict[str, list] = {name: [] for name in self.schema.names}
+        self._names: list[pa.Array] = []  # file names, in the order added
+        self._counts: list[np.ndarray] = []  # each added file's runs
+        self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.schema.names[1:]}
+        self._pending: dict[str, list] = {name: [] for name in ("file", "count", *self.schema.names[1:])}
         self.files = 0  # files added
         self.runs = 0  # runs added
         self.row_groups = 0  # row groups described (runs with start 0)
 
     def add(self, file: str, runs: Mapping[str, Sequence[Any]]) -> None:
         count = len(runs["rows"])
-        self._pending["file"].extend([len(self._files)] * count)
-        self._files.append(file)
+        self._pending["file"].append(file)
+        self._pending["count"].append(count)
         for name in ("row_group", "start", "rows"):
             self._pending[name].extend(runs[name])
         for name in self.bucket_columns:
@@ -150,10 +152,12 @@ class IndexBuilder:
             self._flush()
 
     def _flush(self) -> None:
-        if self._pending["rows"]:
-            for name, values in self._pending.items():
-                self._chunks[name].append(np.asarray(values, dtype=np.int32))
-            self._pending = {name: [] for name in self.schema.names}
+        if self._pending["file"]:
+            self._names.append(pa.array(self._pending["file"], pa.string()))
+            self._counts.append(np.asarray(self._pending["count"], dtype=np.int64))
+            for name in self._chunks:
+                self._chunks[name].append(np.asarray(self._pending[name], dtype=np.int32))
+            self._pending = {name: [] for name in self._pending}
 
     def _column(self, name: str) -> np.ndarray:
         chunks = self._chunks[name]
@@ -162,26 +166,49 @@ class IndexBuilder:
         return column
 
     def batches(self, rows_per_batch: int = INDEX_ROWS_PER_GROUP) -> Iterator[pa.RecordBatch]:
-        """The index sorted by (file, row_group, start), in record batches of `rows_per_batch` runs (the last
-        one shorter): the order `sort` gives, computed on the codes (a file's rank among the sorted names)."""
+        """The index sorted by (file, row_group, start), as `sort` sorts it, in record batches of
+        `rows_per_batch` runs (the last one shorter). Files are sorted by name; their runs are then taken a
+        block of files at a time (about `rows_per_batch` runs, never splitting files of one name) and sorted
+        within the block."""
         self._flush()
-        columns = {name: self._column(name) for name in self.schema.names}
-        by_name = sorted(range(len(self._files)), key=self._files.__getitem__)
-        rank = np.zeros(len(self._files), dtype=np.int64)
-        for position in range(1, len(by_name)):  # equal names (a file added twice) share a rank
-            same = self._files[by_name[position]] == self._files[by_name[position - 1]]
-            rank[by_name[position]] = rank[by_name[position - 1]] + (0 if same else 1)
-        del by_name
-        order = np.lexsort((columns["start"], columns["row_group"], rank[columns["file"]]))
-        del rank
-        files = pa.array(self._files, pa.string())
+        if not self.runs:
+            return
+        columns = {name: self._column(name) for name in self._chunks}
+        names = pa.chunked_array(self._names, pa.string())
+        counts = np.concatenate(self._counts)
+        offsets = np.cumsum(counts) - counts
+        by_name = pc.sort_indices(names).to_numpy()  # stable: files of one name stay in the order added
+        sorted_names = names.take(pa.array(by_name)).combine_chunks()
+        rank = np.zeros(len(by_name), dtype=np.int64)  # of each sorted file: equal names share a rank
+        if len(by_name) > 1:
+            rank[1:] = np.cumsum(pc.not_equal(sorted_names[1:], sorted_names[:-1]).to_numpy(zero_copy_only=False))
+        sorted_counts = counts[by_name]
+        ends = np.cumsum(sorted_counts)
+        targets = np.arange(rows_per_batch, int(ends[-1]), rows_per_batch)
+        cut = np.minimum(np.searchsorted(ends, targets), len(by_name) - 1)  # the file that reaches each target
+        cuts = np.unique(np.searchsorted(rank, rank[cut], side="right"))  # ... and the rest of its name's files
+        bounds = [0, *cuts[cuts < len(by_name)].tolist(), len(by_name)]
         values = {name: pa.array(list(self._values[name]), pa.string()) for name in self.bucket_columns}
-        for offset in range(0, len(order), rows_per_batch):
-            take = order[offset : offset + rows_per_batch]
-            arrays = [files.take(pa.array(columns["file"][take]))]
-            arrays += [pa.array(columns[name][take], pa.int32()) for name in ("row_group", "start", "rows")]
-            arrays += [values[name].take(pa.array(columns[name][take])) for name in self.bucket_columns]
-            yield pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        held_runs: list[np.ndarray] = []  # runs (positions in the columns) sorted, not yet in a batch
+        held_files: list[np.ndarray] = []  # ... and each one's file (its position among the sorted names)
+        held = 0
+        for begin, end in itertools.pairwise(bounds):
+            lengths = sorted_counts[begin:end]
+            file_of = np.repeat(np.arange(begin, end, dtype=np.int64), lengths)
+            first = np.repeat(offsets[by_name[begin:end]] - (np.cumsum(lengths) - lengths), lengths)
+            run = first + np.arange(len(file_of), dtype=np.int64)
+            order = np.lexsort((columns["start"][run], columns["row_group"][run], rank[file_of]))
+            held_runs.append(run[order])
+            held_files.append(file_of[order])
+            held += len(order)
+            while held >= rows_per_batch or (end == len(by_name) and held):
+                runs, files = np.concatenate(held_runs), np.concatenate(held_files)
+                take = min(rows_per_batch, held)
+                arrays = [sorted_names.take(pa.array(files[:take]))]
+                arrays += [pa.array(columns[name][runs[:take]], pa.int32()) for name in ("row_group", "start", "rows")]
+                arrays += [values[name].take(pa.array(columns[name][runs[:take]])) for name in self.bucket_columns]
+                yield pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+                held_runs, held_files, held = [runs[take:]], [files[take:]], held - take
 
     def table(self) -> pa.Table:
         """The whole index, sorted (as `sort` sorts), in one chunk."""
