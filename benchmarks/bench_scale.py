@@ -4,6 +4,8 @@ with wall time and peak memory, least-squares fits in N and in log N, extrapolat
 
     .venv/bin/python benchmarks/bench_scale.py            # N = 1k, 10k, 100k + a check at 976,563 files (934 s)
     .venv/bin/python benchmarks/bench_scale.py --quick    # N = 1k, 10k only, no check at 976,563 (309 s)
+    .venv/bin/python benchmarks/bench_scale.py --only ingest_driver   # the ingest driver rows and fits only,
+        at N = 1k, 10k, 100k (~13 min, 6 of them 100k PUTs); results in bench_scale_ingest_driver.json
 (times: the 2-core VM, 2026-11-30; 100k PUTs to moto are 269 s of the full run, the old footer path ~130 s)
 
 S3: a real moto server (moto.server.ThreadedMotoServer, in its own process, 127.0.0.1) behind
@@ -38,15 +40,17 @@ Measured, each in its own process (wall = the call(s) named, not the interpreter
                 (a listing of data/) + `ShardIndex.from_files` (every file's footer, then the bucket column of
                 the rank's row groups), budget 256; checked equal to `ShardIndex.build`'s units and buckets.
   ingest_driver `jobs.ingest.list_tasks` on the N shards (the driver's planning: the listing), then the rest of
-                the driver's own work in `jobs.ingest.run` after the map, on outputs that stand in for the Ray
-                workers' (each of the N tasks read 2048 images, 1% rejected as too_small, the rest drawn from
-                the joint bucket frequencies; no duplicates; each published file's runs drawn as above):
-                done_tasks, the rows handed to Ray Data, the summaries, dedup_plan, count, publish_plan, the
-                index (IndexBuilder.add for every file's runs, IndexBuilder.table, write_index through the proxy),
-                the manifest. Every object stays referenced to the end, as in run(). This mirrors run()'s driver
-                code at commit b3b4c6a (2026-11-30): keep it in step with run(). Ray itself (from_items'
-                blocks and Ray Data's state for N tasks) is not in this process and not measured. Per phase:
-                wall, RSS held after it and the peak so far (VmRSS, VmHWM), minus the baseline.
+                the driver's own work in `jobs.ingest.run`, on results that stand in for the Ray workers' (each
+                of the N tasks read 2048 images, 1% rejected as too_small, the rest drawn from the joint bucket
+                frequencies; no duplicates; each written file's runs drawn as above), made one at a time as the
+                driver takes them (as jobs.ingest.map_tasks yields Ray Data's results): done_tasks, the rows
+                handed to Ray Data, tally_results, finish_plan (cpus = CLUSTER_CPUS), absorb_written of step 3's
+                results (IndexBuilder.add), count, publish_plan, absorb_written of step 4's, IndexBuilder.write
+                (through the proxy), the manifest; what run() drops (the listing after step 2, the publish jobs)
+                is dropped at the same point. This mirrors run() at commit f47b088 (2026-11-30): keep it in step
+                with run(). Ray itself (from_items' blocks and Ray Data's state for N tasks) is not in this
+                process and not measured. Per phase: wall and CPU (the stand-ins' own time left out), RSS held
+                after it and the peak so far (VmRSS, VmHWM), minus the baseline.
   ingest_list_direct   for N <= --direct-max (default 10k): `list_tasks` alone, straight to moto (no proxy):
                 moto's own share of the listing (moto's list_objects_v2 sorts every key of the bucket for every page
                 of 1000, so its cost per page grows with N; S3's does not). At larger N the moto CPU column shows it.
