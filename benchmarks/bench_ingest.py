@@ -41,12 +41,12 @@ What is measured, per mix (everything printed is measured in this run, nothing i
               files_per_task is the config default unless that leaves fewer tasks than the 2 CPUs (then
               n / 2), or --files-per-task.
               Instrumentation (the repository's files are untouched): while a run lasts, the benchmark
-              wraps jobs.ingest.ray_map so that each map function the job hands it (ingest_task, and
+              wraps jobs.ingest.map_tasks so that each map function the job hands it (ingest_task, and
               the later steps' functions) runs through a wrapper that writes the task's wall/CPU times to a
               small JSON file beside the output root (for ingest_task also the time in _items, process_image,
               _record and summarize; the rest of the task is the staging write), and times each ray_map
               call (with the driver's CPU meanwhile) and the driver's list_tasks, done_tasks, remove,
-              write_index, write_json and mark_success.
+              IndexBuilder.write, write_json and mark_success.
   equal resources (web mix only; --equal-repeats pairs, default 3): the bare loop above on one core, then
               right after it a Ray session of its own, ray.init(num_cpus=1), started in a child process
               pinned to that same core before ray.init, so the driver and everything Ray starts (GCS,
@@ -96,7 +96,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -586,22 +586,25 @@ def _timed_task(row: dict[str, Any], _bench: dict[str, str], **kwargs: Any) -> d
     return result
 
 
-# Driver-side calls of jobs.ingest.run timed by instrumented_job (besides ray_map, which is timed per step).
-DRIVER_CALLS = ("list_tasks", "done_tasks", "init_ray", "remove", "write_index", "write_json", "mark_success")
+# Driver-side calls of jobs.ingest.run timed by instrumented_job (besides map_tasks, which is timed per step,
+# and IndexBuilder.write, recorded as "write_index").
+DRIVER_CALLS = ("list_tasks", "done_tasks", "init_ray", "remove", "write_json", "mark_success")
 
 
 @contextlib.contextmanager
 def instrumented_job(folder: Path, calls: list[dict[str, Any]]):
     """While the run lasts (the repository's files are untouched): every map function the job hands to
-    jobs.ingest.ray_map runs through _timed_task (per-task records under `folder`), and each ray_map call and
-    each of DRIVER_CALLS made by the driver is appended to `calls` as {name, desc, start, end}."""
+    jobs.ingest.map_tasks runs through _timed_task (per-task records under `folder`), and each map_tasks call (as
+    "ray_map": from the call until its last result is taken), IndexBuilder.write (as "write_index") and each of
+    DRIVER_CALLS made by the driver is appended to `calls` as {name, desc, start, end}."""
     from ray import cloudpickle
 
     import jobs.ingest as job
 
     if __name__ != "__main__":  # imported (benchmarks/ is not on the workers' path): ship the wrapper by value
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    originals = {name: getattr(job, name) for name in ("ray_map", *DRIVER_CALLS)}
+    originals = {name: getattr(job, name) for name in ("map_tasks", *DRIVER_CALLS)}
+    builder_write = job.IndexBuilder.write
 
     def timed(name: str, f: Any) -> Any:
         def call(*args: Any, **kw: Any) -> Any:
@@ -613,16 +616,17 @@ def instrumented_job(folder: Path, calls: list[dict[str, Any]]):
 
         return call
 
-    def ray_map(fn: Any, rows: list[dict[str, Any]], kwargs: dict[str, Any], desc: str) -> list[dict[str, Any]]:
+    def map_tasks(fn: Any, rows: list[dict[str, Any]], kwargs: dict[str, Any], desc: str) -> Iterator[dict[str, Any]]:
         start, cpu0 = time.time(), time.process_time()
         try:
             bench = {"fn": fn.__name__, "desc": desc, "folder": str(folder)}
-            return originals["ray_map"](_timed_task, rows, {**kwargs, "_bench": bench}, desc)
+            yield from originals["map_tasks"](_timed_task, rows, {**kwargs, "_bench": bench}, desc)
         finally:
             call = {"name": "ray_map", "desc": desc, "start": start, "end": time.time(), "rows": len(rows)}
             calls.append(call | {"driver_cpu_s": time.process_time() - cpu0})
 
-    job.ray_map = ray_map
+    job.map_tasks = map_tasks
+    job.IndexBuilder.write = timed("write_index", builder_write)
     for name in DRIVER_CALLS:
         setattr(job, name, timed(name, originals[name]))
     try:
@@ -630,6 +634,7 @@ def instrumented_job(folder: Path, calls: list[dict[str, Any]]):
     finally:
         for name, f in originals.items():
             setattr(job, name, f)
+        job.IndexBuilder.write = builder_write
 
 
 def task_stats(records: list[dict], run_start: float, process_s: float, n: int, cpus: int) -> dict[str, Any]:
