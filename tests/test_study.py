@@ -169,3 +169,27 @@ def test_the_gap_to_bicubic_is_extrapolated_from_the_late_exports():
     table = {"256p": {"a": {"psnr": rows[-1]["psnr"]}, "bicubic": {"psnr": 24.0}}}
     [line] = study.gap_lines(rows, table, "a")
     assert "+1.39 dB per doubling" in line and "~1,097 steps" in line
+
+
+def test_a_large_png_is_shrunk_to_its_byte_budget():
+    rng = np.random.default_rng(0)
+    noisy = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (600, 900, 3), dtype=np.uint8)).save(noisy, "PNG")
+    small = report.shrink_png(noisy.getvalue(), 200_000)
+    assert len(noisy.getvalue()) > 1_000_000 and len(small) <= 200_000
+    width, height = Image.open(io.BytesIO(small)).size
+    assert abs(width / height - 1.5) < 0.02  # aspect kept
+    assert report.shrink_png(small, 200_000) is small  # within budget: unchanged
+
+
+def test_per_image_lines_name_the_image_that_moves_the_mean():
+    scores = [
+        {"setting": "1024p", "model": m, "id": f"/h/{i}.jpg", "psnr": p}
+        for i, (a, b) in enumerate([(30.0, 29.5), (31.0, 31.2), (35.0, 20.0), (28.0, 27.0)])
+        for m, p in (("ae", a), ("baseline:square", b))
+    ]
+    [line] = study.per_image_lines(scores, {"ae": "naflex", "baseline:square": "square"}, ["1024p"])
+    assert line == (
+        "- 1024p: naflex higher on 3 of 4 images; median +0.75 dB; the largest, 2.jpg, +15.00 dB; "
+        "mean without it +0.43 dB."
+    )

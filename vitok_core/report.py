@@ -368,6 +368,14 @@ def _shrink_to_fit(image: Image.Image, max_bytes: int) -> bytes:
     return data
 
 
+def shrink_png(data: bytes, max_bytes: int) -> bytes:
+    """A PNG downscaled (Lanczos) until it is at most `max_bytes`; unchanged when it already is."""
+    if len(data) <= max_bytes:
+        return data
+    with Image.open(io.BytesIO(data)) as image:
+        return _shrink_to_fit(image.convert("RGB"), max_bytes)
+
+
 def split_png(data: bytes, max_bytes: int, band_px: int | None = None) -> list[bytes]:
     """The PNG as parts of at most `max_bytes` each, top to bottom, for places with a size limit. With `band_px`
     (a grid's row height, GRID_ROW_PX) the image is cut between rows only, as many whole rows per part as fit, so
