@@ -1,7 +1,7 @@
 # vitok: one command to set up and run the pipeline, one to set up and run the tests.
 #   make run    - create .venv, install, run the whole DAG (tiny preset, local Ray, ./runs, demo photos)
 #   make demo   - create .venv, install, overfit the tiny model on real photos and print PSNR
-#   make study  - create .venv, install, the ~70-minute CPU training study -> docs/results.md (not in CI)
+#   make study  - create .venv, install, the ~90-minute CPU training study -> docs/results.md (not in CI)
 #   make test   - create .venv, install, lint + format check + the whole test suite
 #   make bench  - benchmarks (prints tables; see benchmarks/)
 #   make gpu-wheels - .whl/: the wheels benchmarks/gpu_check.py needs on the lent GPU machine (docs/gpu-check.md)

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--threads", type=int, default=16, help="data files read at a time (default 16)")
     index.set_defaults(func=cmd_index)
     study = sub.add_parser(
-        "study", parents=[common], help="the CPU training study (~70 min): both arms, evaluation, results.md"
+        "study", parents=[common], help="the CPU training study (~90 min): both arms, evaluation, results.md"
     )
     _preset_args(study)
     study.add_argument("--out", default="docs", help="where results.md and results/*.png go (default docs)")

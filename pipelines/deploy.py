@@ -38,7 +38,7 @@ def deployments() -> list[Any]:
     found.append(
         study_flow.to_deployment(
             name="study",
-            description="the CPU training study (configs/cpu_study.yaml, ~70 min): both arms, evaluation, results.md",
+            description="the CPU training study (configs/cpu_study.yaml, ~90 min): both arms, evaluation, results.md",
             tags=["vitok", "study"],
         )
     )

@@ -122,7 +122,7 @@ def _commit() -> str:
 def study_flow(
     preset: Preset = "cpu_study", overrides: Overrides = (), out: str = "docs", data: str = ".data/study"
 ) -> dict[str, Any]:
-    """The CPU training study (about 70 minutes on 2 cores): data, both arms' ingest + train_ae, evaluate
+    """The CPU training study (about 90 minutes on 2 cores): data, both arms' ingest + train_ae, evaluate
     twice, the report.
 
     Args:
