@@ -33,6 +33,7 @@ from pipelines import stages
 from pipelines.flows import full_pipeline, run_stage
 from pipelines.publish import artifact_key
 from tests.ingest_samples import make_training_folder
+from tests.training_faults import registered_step
 from vitok_core.artifacts import is_complete, join, read_json
 from vitok_core.config import ConfigError, load_config
 
@@ -112,7 +113,14 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
     )
     pattern = f"{bucket}/runs/train_ae/*/metrics/step-0000000[4-6].jsonl"
     deadline = time.time() + 600
-    while time.time() < deadline and not fs.glob(pattern):
+
+    def resumable() -> bool:
+        # A checkpoint counts once Ray Train's controller has registered it (it polls every 2 s): killed
+        # before that, the rerun would rightly start over (seen once in CI).
+        found = fs.glob(pattern)
+        return bool(found) and registered_step("s3://" + found[0].rsplit("/metrics/", 1)[0]) >= 2
+
+    while time.time() < deadline and not resumable():
         assert driver.poll() is None, "the pipeline ended before train_ae checkpointed"
         time.sleep(0.3)
         fs.invalidate_cache()

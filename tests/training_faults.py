@@ -59,7 +59,7 @@ def _progress(out: str) -> dict:
         return {}
 
 
-def _registered_step(out: str) -> int:
+def registered_step(out: str) -> int:
     """The latest checkpoint Ray Train's controller has registered, from the snapshot it keeps in the run."""
     fs, path = fsspec.core.url_to_fs(join(out, "checkpoint_manager_snapshot.json"))
     try:
@@ -99,7 +99,7 @@ def run_drill(
     registered: list[tuple[float, int]] = []
 
     def trace() -> None:
-        step = _registered_step(out)
+        step = registered_step(out)
         if step and (not registered or registered[-1][1] != step):
             registered.append((time.time(), step))
 
