@@ -185,6 +185,10 @@ def study_flow(
         )
     )
     timed("evaluate (curves)", began, curves["skipped"])
+    # The final models side by side: the first arm is the autoencoder, the others baselines named after their arm.
+    first, *others = runs
+    final_models = {"ae": first, **{f"baseline:{arm}": arm for arm in others}}
+    final_baselines = [f"{arm}={join(runs[arm]['output'], 'export')}" for arm in others]
     began = time.time()
     final = _value(
         run_stage(
@@ -192,8 +196,8 @@ def study_flow(
             preset,
             [
                 *evaluate_common,
-                f"evaluate.autoencoder={join(runs['naflex']['output'], 'export')}",
-                f"evaluate.baselines=[square={join(runs['square']['output'], 'export')}]",
+                f"evaluate.autoencoder={join(runs[first]['output'], 'export')}",
+                f"evaluate.baselines=[{','.join(final_baselines)}]",
             ],
         )
     )
@@ -230,16 +234,9 @@ def study_flow(
         "grids": grids,
         **prepared,
     }
-    text = study.render_results(
-        cfg,
-        info,
-        rows,
-        curve_metrics,
-        final_metrics=read_json(join(final["output"], "metrics.json")),
-        per_image=pq.read_table(
-            join(final["output"], "per_image.parquet"), columns=["setting", "model", "id", "psnr"]
-        ).to_pylist(),
-    )
+    scores = pq.read_table(join(final["output"], "per_image.parquet"), columns=["setting", "model", "id", "psnr"])
+    per_image = [{**r, "arm": final_models[r["model"]]} for r in scores.to_pylist() if r["model"] in final_models]
+    text = study.render_results(cfg, info, rows, curve_metrics, per_image)
     (Path(out) / "results.md").write_text(text)
     print(f"study: report at {Path(out) / 'results.md'}")
     return {"report": str(Path(out) / "results.md"), "rows": rows, "info": info}

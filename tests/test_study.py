@@ -142,7 +142,7 @@ def test_learning_curves_figure_and_results_markdown():
         "runs": {"naflex": "runs/train_ae/a", "square": "runs/train_ae/b"},
         "evaluations": {"curves": "runs/evaluate/c"},
     }
-    text = study.render_results(cfg, info, rows, _metrics(), {})
+    text = study.render_results(cfg, info, rows, _metrics())
     assert "| 256p | 24.00 | 0.6000 | 76.0 | 22.50 | 0.5625 | 77.5 | 23.00 | 0.5750 | 77.0 |" in text
     assert "| square | 100 | 19.00 |" in text and "![256p](results/recon_256p.png)" in text
     assert "`data.augment.rrc_prob=1.0`" in text and "sklearn/china.jpg" in text
@@ -184,11 +184,11 @@ def test_a_large_png_is_shrunk_to_its_byte_budget():
 
 def test_per_image_lines_name_the_image_that_moves_the_mean():
     scores = [
-        {"setting": "1024p", "model": m, "id": f"/h/{i}.jpg", "psnr": p}
+        {"setting": "1024p", "arm": m, "id": f"/h/{i}.jpg", "psnr": p}
         for i, (a, b) in enumerate([(30.0, 29.5), (31.0, 31.2), (35.0, 20.0), (28.0, 27.0)])
-        for m, p in (("ae", a), ("baseline:square", b))
+        for m, p in (("naflex", a), ("square", b))
     ]
-    [line] = study.per_image_lines(scores, {"ae": "naflex", "baseline:square": "square"}, ["1024p"])
+    [line] = study.per_image_lines(scores, ["naflex", "square"], ["1024p"])
     assert line == (
         "- 1024p: naflex higher on 3 of 4 images; median +0.75 dB; the largest, 2.jpg, +15.00 dB; "
         "mean without it +0.43 dB."

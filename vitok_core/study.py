@@ -246,20 +246,17 @@ def gap_lines(
     return lines
 
 
-def per_image_lines(
-    scores: Sequence[Mapping[str, Any]], names: Mapping[str, str], settings: Sequence[str]
-) -> list[str]:
-    """The first arm minus the second, image by image: how many images each wins, the median difference, and the
-    image that moves the mean most. `scores`: per-image rows {setting, model, id, psnr}; `names`: evaluate model
-    name -> arm, first arm first."""
-    (model_a, arm_a), (model_b, _) = list(names.items())[:2]
+def per_image_lines(scores: Sequence[Mapping[str, Any]], arms: Sequence[str], settings: Sequence[str]) -> list[str]:
+    """arms[0] minus arms[1], image by image: how many images the first wins, the median difference, and the
+    image that moves the mean most. `scores`: per-image rows {setting, arm, id, psnr}."""
+    arm_a, arm_b = arms[:2]
     lines = []
     for setting in settings:
-        psnr = {(r["model"], r["id"]): r["psnr"] for r in scores if r["setting"] == setting}
-        ids = sorted({i for m, i in psnr if m == model_a} & {i for m, i in psnr if m == model_b})
+        psnr = {(r["arm"], r["id"]): r["psnr"] for r in scores if r["setting"] == setting}
+        ids = sorted({i for a, i in psnr if a == arm_a} & {i for a, i in psnr if a == arm_b})
         if not ids:
             continue
-        diffs = {i: psnr[(model_a, i)] - psnr[(model_b, i)] for i in ids}
+        diffs = {i: psnr[(arm_a, i)] - psnr[(arm_b, i)] for i in ids}
         top = max(ids, key=lambda i: abs(diffs[i]))
         rest = [diffs[i] for i in ids if i != top]
         lines.append(
@@ -275,14 +272,13 @@ def render_results(
     info: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
     curve_metrics: Mapping[str, Any],
-    final_metrics: Mapping[str, Any],
     per_image: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """docs/results.md: setup, the final table against bicubic, the verdicts, the learning curves, figures."""
     arms = list(info["arms"])
     table = final_table(rows, arms)
     settings = {s["name"]: s for s in curve_metrics["settings"]}
-    models = dict(zip(["ae", *[f"baseline:{a}" for a in arms[1:]]], arms, strict=True))  # the final evaluate's names
+    gaps = gap_lines(rows, table, arms[0])
     t, o = cfg.train, cfg.optim
     minutes = {k: f"{v / 60:.1f} min" for k, v in info["timings"].items()}
     out = [
@@ -326,15 +322,11 @@ def render_results(
         *verdicts(table, arms),
         "",
         *(
-            ["Image by image (final checkpoints, PSNR):", "", *per_image_lines(per_image, models, list(settings)), ""]
+            ["Image by image (final checkpoints, PSNR):", "", *per_image_lines(per_image, arms, list(settings)), ""]
             if per_image and len(arms) > 1
             else []
         ),
-        *(
-            ["How the gap to bicubic closes with steps:", "", *gap_lines(rows, table, arms[0]), ""]
-            if gap_lines(rows, table, arms[0])
-            else []
-        ),
+        *(["How the gap to bicubic closes with steps:", "", *gaps, ""] if gaps else []),
         "## Learning curves",
         "",
         "Every export (`train.export_every`) of both arms, evaluated on the held-out photos; the dashed line is "
@@ -358,8 +350,8 @@ def render_results(
         "",
         "## What this does not show",
         "",
-        "- One seed per arm, eight held-out photos: differences under ~0.3 dB PSNR are within what another seed "
-        "or another split could move. rFID over eight images ranks models only roughly.",
+        "- One seed per arm and eight held-out photos: how far another seed or another split would move these "
+        "numbers was not measured. rFID over eight images ranks models only roughly.",
         "- No DINO perceptual term (no weights offline), no GAN (as the paper): PSNR and SSIM are what the loss "
         "optimises; rFID is not.",
         "- Wall times are those of this machine during the run, with whatever else ran on it; the training "
