@@ -31,11 +31,14 @@ uniform short side of 300-3000 px, seed 0), stored as ingest stores them (vitok_
 store_max_pixels) and bucketed with vitok_core.budget.bucket_of (p = 16) at 256 and 1024 tokens: the joint
 frequencies of (bucket at 256, bucket at 1024). A data file holds one bucket at 256 (files dealt to buckets in
 proportion to their share), its rows' buckets at 1024 drawn from that bucket's conditional frequencies and
-sorted as ingest-3 sorts them, so its index runs are what ingest would write for such rows.
+sorted as ingest-3 sorts them, so its index runs are what ingest would write for such rows; files in the index's
+hash order, written by ingest's own index writer (aligned index row groups, the layout in the footer).
 
 Measured, each in its own process (wall = the call(s) named, not the interpreter start or the imports):
-  loader        `ShardIndex.build(output, budget, rank=--rank, world=--world)` at budget 256 and at 1024: the
-                start-up of one rank (reads `_SUCCESS`, `manifest.json`, the index's columns for that budget).
+  loader        `ShardIndex.build(output, budget, rank=--rank, world=--world)` and the first item of its
+                `batch_plan` (micro-batch 32, window 16), at budget 256 and at 1024: what one rank does before
+                its first batch (reads `_SUCCESS`, `manifest.json`, the index's footer and one index row group).
+  loader_resume the same from Position(epoch 0, block blocks // 2, batch 10): a resume mid-epoch (one block).
   loader_footers   at N in --footer-sizes, the loader before ingest-3, for contrast: `IngestOutput.data_files()`
                 (a listing of data/) + `ShardIndex.from_files` (every file's footer, then the bucket column of
                 the rank's row groups), budget 256; checked equal to `ShardIndex.build`'s units and buckets.
@@ -123,6 +126,7 @@ PATCH = 16
 TARGET_FILES = 976_563  # 2.0B rows at 2048 rows per file (docs/scaling.md section 2)
 SHORT_SIDE = (300, 3000)  # bench_model.py's synthetic sizes
 SIZES_DRAWN = 100_000
+MICRO_BATCH, WINDOW = 32, 16  # the loader's first batch: train.micro_batch_size of the 5b preset, shuffle_window
 REJECT_SHARE = 0.01  # of each task's 2048 images, rejected as too_small (the driver sim's summaries)
 MEASURED_MODULES = (
     "vitok_core/loader.py",
@@ -288,6 +292,13 @@ def synth_output(
         offset += count
     if names != sorted(names):
         raise AssertionError("synthetic file names are not in sorted order")
+    from vitok_core.row_index import file_order
+
+    # the index lists files in hash order (vitok_core.row_index.file_order); a file's runs stay in order
+    by_hash = np.lexsort((np.arange(len(names)), file_order(names)))
+    place = np.empty(len(names), dtype=np.int64)
+    place[by_hash] = np.arange(len(names))
+    order = pa.array(np.argsort(place[np.concatenate(file_col)], kind="stable"))
     cat = lambda parts: pa.array(np.concatenate(parts))  # noqa: E731
     table = pa.table(
         {
@@ -298,7 +309,7 @@ def synth_output(
             "bucket_256": pa.array(first, pa.string()).take(cat(b1)),
             "bucket_1024": pa.array(cat_names, pa.string()).take(cat(b2)),
         }
-    )
+    ).take(order)
     counts = {t: {b: n for b, n in sorted(c.items())} for t, c in per_bucket.items()}
     return table, counts, {"names": names, "files": files_rows}
 
@@ -385,7 +396,7 @@ def put_output(moto: Moto, n: int, dist: dict[str, Any], data_files: bool, threa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vitok_core.row_index import INDEX_ROWS_PER_GROUP
+    from vitok_core.row_index import write_index_file
 
     bucket = f"bench-scale-out-{n}"
     key = f"out-{n}"
@@ -393,8 +404,8 @@ def put_output(moto: Moto, n: int, dist: dict[str, Any], data_files: bool, threa
     started = time.perf_counter()
     table, counts, files = synth_output(n, dist, seed=n, keep_rows=data_files)
     built = time.perf_counter()
-    sink = io.BytesIO()  # written as vitok_core.row_index.write_index writes it (zstd, 2^20 rows a group)
-    pq.write_table(table, sink, row_group_size=INDEX_ROWS_PER_GROUP, compression="zstd")
+    sink = io.BytesIO()  # written by ingest's own writer (aligned index row groups, the layout in the footer)
+    layout = write_index_file(sink, table.schema, table.to_batches(max_chunksize=1 << 20))
     index_bytes = sink.getvalue()
     moto.put(f"/{bucket}")
     rows = n * ROWS_PER_FILE
@@ -430,6 +441,7 @@ def put_output(moto: Moto, n: int, dist: dict[str, Any], data_files: bool, threa
         "rows": rows,
         "row_groups": n * ROWS_PER_FILE // ROWS_PER_GROUP,
         "runs": table.num_rows,
+        "index_row_groups": len(layout.group_runs),
         "index_bytes": len(index_bytes),
         "data_files_written": written,
         "build_s": built - started,
@@ -676,17 +688,22 @@ def worker_run(kind: str, p: dict[str, Any]) -> dict[str, Any]:
     cpu0, t0 = _cpu(), time.perf_counter()
     if kind == "noop":
         pass
-    elif kind == "loader":
-        from vitok_core.loader import ShardIndex
+    elif kind in ("loader", "loader_resume"):
+        from vitok_core.loader import Position, ShardIndex, batch_plan
 
         index = ShardIndex.build(p["uri"], p["budget"], p["rank"], p["world"])
-        info = {"units": len(index.units), "rows": index.rows, "buckets": len(index.buckets)}
+        start = Position(0, index.blocks // 2, 10) if kind == "loader_resume" else Position()
+        position, shard, _ = next(batch_plan(index, MICRO_BATCH, 0, WINDOW, start))  # what precedes batch 1
+        info = {"blocks": index.blocks, "block": position.block, "units": len(shard.units), "rows": shard.rows}
+        info.update(buckets=len(index.bucket_sizes()))
     elif kind == "loader_footers":
         from vitok_core.ingest_output import IngestOutput
-        from vitok_core.loader import ShardIndex
+        from vitok_core.loader import Shard
+        from vitok_core.row_index import in_index_order, resolve
 
         filesystem, files = IngestOutput(p["uri"]).data_files()
-        index = ShardIndex.from_files(filesystem, files, f"bucket_{p['budget']}", p["budget"], p["rank"], p["world"])
+        files = in_index_order(files, resolve(p["uri"], None)[1])
+        index = Shard.from_files(filesystem, files, f"bucket_{p['budget']}", p["rank"], p["world"])
         info = {"units": len(index.units), "rows": index.rows, "buckets": len(index.buckets), "files": len(files)}
     elif kind in ("ingest_list", "ingest_list_parquet"):
         from jobs.ingest import ingest_settings, list_tasks
@@ -721,7 +738,7 @@ def worker_run(kind: str, p: dict[str, Any]) -> dict[str, Any]:
     if kind == "loader_footers":  # the footer path must give what the index gives (not timed)
         from vitok_core.loader import ShardIndex
 
-        ref = ShardIndex.build(p["uri"], p["budget"], p["rank"], p["world"])
+        ref = ShardIndex.build(p["uri"], p["budget"], p["rank"], p["world"]).whole()
         same = (
             np.array_equal(ref.units, index.units)
             and np.array_equal(ref.unit_start, index.unit_start)
@@ -897,8 +914,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["ingest_driver"],
-        help="measure only this (ingest_driver: the driver rows and fits; no output index, no check at 976,563)",
+        choices=["ingest_driver", "readers"],
+        help="measure only this (ingest_driver: the driver rows and fits; no output index, no check at 976,563; "
+        "readers: the loader, cache_latents and evaluate planning, with the check)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
@@ -911,8 +929,9 @@ def main() -> None:
     from tests.s3_proxy import S3FaultProxy
 
     sizes = args.sizes or ([1000, 10_000] if args.quick else [1000, 10_000, 100_000])
-    check = not (args.quick or args.no_check or args.only)
-    everything = not args.only
+    check = not (args.quick or args.no_check or args.only == "ingest_driver")
+    everything = args.only != "ingest_driver"  # the readers' rows
+    drivers = args.only != "readers"  # ingest's planning rows
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     begun = time.perf_counter()
     env_info: dict[str, Any] = {
@@ -980,16 +999,16 @@ def main() -> None:
                     f"in {o['seconds']:.1f} s"
                     + (f", with {o['data_files_written']:,} data files" if o["data_files_written"] else "")
                 )
-            if in_fit:
+            if in_fit and drivers:
                 s["source"] = put_sources(moto, n, args.put_threads)
                 log(
                     f"  setup: {n:,} source objects PUT in {s['source']['seconds']:.1f} s "
                     f"({n / s['source']['seconds']:.0f}/s)"
                 )
-            if n == 1000 and everything:
+            if n == 1000 and everything and drivers:
                 s["parquet_source"] = put_parquet_sources(moto, n, args.put_threads)
             setup[str(n)] = s
-            if in_fit:
+            if in_fit and drivers:
                 source = s["source"]["uri"]
                 p = {
                     "imports": "driver",
@@ -1008,6 +1027,9 @@ def main() -> None:
                 runner.repeat(
                     r, f"loader start-up, budget {budget}", "loader", n, {**common, "uri": uri, "budget": budget}
                 )
+            runner.repeat(
+                r, "loader resume mid-epoch, budget 256", "loader_resume", n, {**common, "uri": uri, "budget": 256}
+            )
             if n in args.footer_sizes:
                 runner.run(
                     "loader, footer path (before ingest-3)", "loader_footers", n, {**common, "uri": uri, "budget": 256}
@@ -1030,7 +1052,7 @@ def main() -> None:
                 runner.run(
                     "evaluate planning, max_images 0 (all)", "evaluate_plan", n, {**common, "uri": uri, "max_images": 0}
                 )
-            if in_fit and n <= args.direct_max:
+            if in_fit and drivers and n <= args.direct_max:
                 runner.run(
                     "ingest list_tasks, straight to moto",
                     "ingest_list",
@@ -1038,7 +1060,7 @@ def main() -> None:
                     {"imports": "driver", "source": s["source"]["uri"]},
                     direct=True,
                 )
-            if n == 1000:
+            if n == 1000 and drivers:
                 runner.run(
                     "ingest list_tasks, Parquet source",
                     "ingest_list_parquet",
@@ -1058,7 +1080,7 @@ def main() -> None:
     env_info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     env_info["run_s"] = time.perf_counter() - begun
     settings["calibration"] = calibration
-    results = RESULTS if everything else RESULTS.with_name(f"bench_scale_{args.only}.json")
+    results = RESULTS if not args.only else RESULTS.with_name(f"bench_scale_{args.only}.json")
     report(runner, setup, baselines, settings, env_info, sizes, pairs_per_first, proxy_stats, dist, results)
 
 
@@ -1144,7 +1166,8 @@ def report(
             )
             quantities[-1].update(extra)
 
-    for name in dict.fromkeys(r["name"] for r in rows if r["kind"] in ("loader", "cache_plan", "evaluate_plan")):
+    readers = ("loader", "loader_resume", "cache_plan", "evaluate_plan")
+    for name in dict.fromkeys(r["name"] for r in rows if r["kind"] in readers):
         for key, unit in (("wall_s", "s"), ("peak_over_baseline_mib", "MiB")):
             add(f"{name}: {unit}", *series(name, key), checked(name, key), name=name, key=key)
     fitted = [r for r in driver_rows if r["n"] in sizes]

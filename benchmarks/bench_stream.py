@@ -425,15 +425,13 @@ def git_head() -> str:
         return "?"
 
 
-def epoch_batches(loader: BucketLoader, rows: int) -> tuple[int, int]:
-    """(batches, images) of epoch 0 of the loader's plan: batches until the first row comes a second time."""
-    seen = np.zeros(rows, dtype=bool)
+def epoch_batches(loader: BucketLoader) -> tuple[int, int]:
+    """(batches, images) of epoch 0 of the loader's plan."""
     batches = images = 0
-    for batch in loader.plan():
-        if seen[batch].any():
+    for position, _, rows in loader.plan():
+        if position.epoch > 0:
             break
-        seen[batch] = True
-        batches, images = batches + 1, images + len(batch)
+        batches, images = batches + 1, images + len(rows)
     return batches, images
 
 
@@ -502,7 +500,7 @@ def main() -> None:
         window=cfg.train.shuffle_window,
         workers=cfg.train.loader_workers,
     )
-    n_batches, n_images = epoch_batches(loader, index.rows)
+    n_batches, n_images = epoch_batches(loader)
     images = tokens = 0
     grids, first_batch, last_batch = set(), None, 0.0
     for k, batch in enumerate(loader.batches()):
@@ -540,10 +538,11 @@ def main() -> None:
         },
         "index": {
             "seconds": index_s,
-            "files": len(index.files),
-            "row_groups": len(index.units),
+            "files": len(index.whole().files),
+            "row_groups": sum(index.layout.group_units),
+            "blocks": index.blocks,
             "rows": index.rows,
-            "buckets": len(index.buckets),
+            "buckets": len(index.bucket_sizes()),
         },
         "loader": {
             "seconds": loader_s,

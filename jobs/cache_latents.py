@@ -55,7 +55,7 @@ log = logging.getLogger("vitok.cache_latents")
 
 # 2: RoPE in fp32 under bf16 autocast; 3: the NaFlex budget resize no longer clamps to [-1, 1] (as the reference
 # preprocessing), which changes the encoder's input, hence the latents, of every resized image
-CODE_VERSION = "cache_latents-3"
+CODE_VERSION = "cache_latents-4"
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),

@@ -78,7 +78,7 @@ log = logging.getLogger("vitok.ingest")
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif"}  # members of tar shards that are images
 # bump when a change alters what ingest writes. 3: index.parquet; a file's rows sorted by the later budgets' buckets
-CODE_VERSION = "ingest-3"
+CODE_VERSION = "ingest-4"
 ROWS_PER_GROUP = 256  # ~25 MB of 0.4 MP JPEGs: the unit a streaming loader reads at a time
 
 

@@ -60,7 +60,7 @@ from vitok_core.config import VitokConfig, config_from_dict, config_hash, mixed_
 from vitok_core.fingerprint import manifest_fields
 from vitok_core.flops import peak_flops, train_flops_per_token
 from vitok_core.ingest_output import IngestOutput
-from vitok_core.loader import Augment, BucketLoader, ShardIndex, describe_buckets, grid_of, valid_tokens
+from vitok_core.loader import Augment, BucketLoader, Position, ShardIndex, describe_buckets, grid_of, valid_tokens
 from vitok_core.losses import ReconstructionLoss
 from vitok_core.model import build_autoencoder, count_parameters, parse_variant
 from vitok_core.naflex import to_device
@@ -70,7 +70,7 @@ from vitok_core.schedules import budget_at_step, budget_boundaries, lr_at_step
 
 log = logging.getLogger("vitok.train_ae")
 
-CODE_VERSION = "train_ae-2"  # 2: init inside constructors (zero.Init), fp32 RoPE, SSIM rewrite
+CODE_VERSION = "train_ae-3"  # 2: zero.Init, fp32 RoPE, SSIM rewrite; 3: the block-wise data plan
 # Settings that do not change the trained weights, so they stay out of the run key: where things are,
 # how often to log and checkpoint (a resume is exact), how many loader processes, how many restarts, where to
 # pause. checkpoint_every comes back into the key with faults.nan_at_steps (train_settings).
@@ -141,11 +141,12 @@ def deepspeed_config(cfg: VitokConfig) -> dict[str, Any]:
 # Inside a Ray Train worker
 # ------------------------------------------------------------------------------------------------
 class _Budgets:
-    """The loaders of each budget, each resumable at the number of batches this rank has taken."""
+    """The loaders of each budget, each resumable at this rank's position in its plan (a Position's state;
+    a checkpoint from before positions were structured holds a count of batches, which the loader replays)."""
 
-    def __init__(self, cfg: VitokConfig, ingest: str, rank: int, world: int, position: dict[str, int]) -> None:
+    def __init__(self, cfg: VitokConfig, ingest: str, rank: int, world: int, position: dict[str, Any]) -> None:
         self.cfg, self.ingest, self.rank, self.world = cfg, ingest, rank, world
-        self.position = {str(b): int(position.get(str(b), 0)) for b in cfg.data.budgets}
+        self.position: dict[str, Any] = {str(b): position.get(str(b), 0) for b in cfg.data.budgets}
         self.budget: int | None = None
         self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
 
@@ -171,11 +172,12 @@ class _Budgets:
             self.budget = budget
             if self.rank == 0:
                 log.info(
-                    "budget %d tokens: %d images in %s", budget, index.rows, describe_buckets(index.bucket_sizes())
-                )
+                    "budget %d tokens: %d images (all ranks) in %s, %d blocks",
+                    budget, index.rows, describe_buckets(index.bucket_sizes()), index.blocks,
+                )  # fmt: skip
         start = time.perf_counter()
         batch = next(self._iterator)
-        self.position[str(budget)] += 1
+        self.position[str(budget)] = Position.after(batch).state()
         return batch, time.perf_counter() - start
 
     def close(self) -> None:

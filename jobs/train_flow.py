@@ -49,7 +49,7 @@ from vitok_core.artifacts import absolute, is_complete, join, read_json, stage_k
 from vitok_core.config import VitokConfig, config_from_dict, config_hash, mixed_precision, to_dict
 from vitok_core.fingerprint import manifest_fields
 from vitok_core.flow import EMA, flow_loss
-from vitok_core.loader import LatentLoader, ShardIndex
+from vitok_core.loader import LatentLoader, Position, ShardIndex
 from vitok_core.model.dit import build_dit
 from vitok_core.naflex import to_device
 from vitok_core.optim import parameter_groups
@@ -58,7 +58,7 @@ from vitok_core.schedules import lr_at_step
 
 log = logging.getLogger("vitok.train_flow")
 
-CODE_VERSION = "train_flow-2"  # 2: fp32 EMA, t and RoPE, fp32 master export
+CODE_VERSION = "train_flow-3"  # 2: fp32 EMA, t and RoPE, fp32 master export; 3: the block-wise data plan
 # Settings that do not change the weights: where things are, how often to log and checkpoint (a resume is
 # exact; train_flow has no restore-on-NaN), loader processes, restarts, where to pause, the sampler.
 _NOT_IN_KEY = (
@@ -226,7 +226,7 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info(
             "train_flow %s: DiT-%s (%.1fM parameters) on %d cached latents, %d classes; %d workers x %d x %d "
             "accumulation = batch %d; steps %d..%d of %d",
-            out, f.size, n_params / 1e6, index.rows * world, len(stats["classes"]), world, micro, accumulation,
+            out, f.size, n_params / 1e6, index.rows, len(stats["classes"]), world, micro, accumulation,
             f.batch_size, state["step"], stop, f.steps,
         )  # fmt: skip
     lines: list[dict] = []
@@ -245,7 +245,7 @@ def train_loop(config: dict[str, Any]) -> None:
             batch = next(batches)
             measured.add("data_wait_s", time.perf_counter() - t0)
             measured.add("tokens", int(batch["patch_mask"].sum()))  # host tensor: no device read
-            state["position"] += 1
+            state["position"] = Position.after(batch).state()
             seed = np.random.default_rng([f.seed, rank, step, micro]).integers(2**62)
             generator = torch.Generator().manual_seed(int(seed))  # t, noise and label drops: a function of the step
             measured.add("loss", micro_step(engine, batch, device, generator, f.label_dropout) / accumulation)

@@ -98,6 +98,7 @@ def test_checkpoint_cadence_and_grid_size_are_not_in_the_keys():
         return stage_key("train_ae", train_settings(load_config("tiny", overrides), "k"), ["k"], CODE_VERSION)
 
     assert ae_key() == ae_key("train.checkpoint_every=7") != ae_key("train.steps=300")
+    assert ae_key("optim.lr=2e-3") != ae_key()  # a changed optimizer reruns train_ae and what follows it
     # injected NaNs restore the last checkpoint: there the cadence decides the weights, so it is in the key
     nan = "train.faults.nan_at_steps=[2,3,4]"
     assert ae_key(nan) != ae_key(nan, "train.checkpoint_every=7") and ae_key(nan) != ae_key()

@@ -23,13 +23,14 @@ from pipelines.cli import main as vitok
 from tests.ingest_samples import make_training_folder
 from vitok_core.config import load_config
 from vitok_core.ingest_output import IngestOutput
-from vitok_core.loader import ShardIndex
+from vitok_core.loader import Shard, ShardIndex
 from vitok_core.row_index import (
     INDEX,
     IndexBuilder,
     MissingIndexError,
     file_runs,
     group_sizes,
+    in_index_order,
     index_from_files,
     list_data_files,
     read_index,
@@ -39,7 +40,7 @@ from vitok_core.row_index import (
 # Sizes whose buckets at 64 tokens hold several buckets at 256 (6x9: 8x12, 8x11, 10x15; 8x8: 10x10, 11x11, 9x9),
 # so that row groups of one first-budget bucket mix buckets at the second budget.
 SIZES = ((192, 128), (176, 128), (240, 160), (160, 160), (176, 176), (144, 144), (128, 192))
-FIELDS = ("column", "units", "unit_start", "bucket_codes", "buckets", "budget", "rank", "world")
+FIELDS = ("units", "unit_start", "bucket_codes", "buckets")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def assert_index_matches_data(uri: str, columns: list[str]) -> pa.Table:
     return got
 
 
-def assert_same_shard(a: ShardIndex, b: ShardIndex) -> None:
+def assert_same_shard(a: Shard, b: Shard) -> None:
     for name in FIELDS:
         x, y = getattr(a, name), getattr(b, name)
         if isinstance(x, np.ndarray):
@@ -141,7 +142,11 @@ def test_builder_sorts_and_writes_as_one_table_sort(tmp_path, monkeypatch):
     row_index.write_index(str(tmp_path / "whole"), reference)
     builder.write(str(tmp_path / "streamed"))
     whole, streamed = (tmp_path / "whole" / INDEX, tmp_path / "streamed" / INDEX)
-    assert pq.ParquetFile(streamed).metadata.num_row_groups == -(-reference.num_rows // 1000) > 1
+    footer = pq.ParquetFile(streamed).metadata
+    assert footer.num_row_groups >= -(-reference.num_rows // 1000) > 1
+    for g in range(footer.num_row_groups):  # at most 1000 runs, never splitting a data row group's runs
+        group = pq.ParquetFile(streamed).read_row_group(g)
+        assert group.num_rows <= 1000 and group["start"][0].as_py() == 0
     assert streamed.read_bytes() == whole.read_bytes()
 
     empty = IndexBuilder(columns)
@@ -154,7 +159,9 @@ def test_builder_sorts_and_writes_as_one_table_sort(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Fast: runs of files written as the publish step writes them, with several row groups each
 # ------------------------------------------------------------------------------------------------
-def test_runs_equal_the_footers_and_shard_index_equals_from_files(tmp_path):
+def test_runs_equal_the_footers_and_shard_index_equals_from_files(tmp_path, monkeypatch):
+    import vitok_core.row_index as row_index
+
     rng = np.random.default_rng(0)
     root = tmp_path / "out"
     builder = IndexBuilder(["bucket_64", "bucket_256"])
@@ -179,15 +186,33 @@ def test_runs_equal_the_footers_and_shard_index_equals_from_files(tmp_path):
     names, counts = np.unique(index["file"].to_numpy(zero_copy_only=False), return_counts=True)
     per_file = dict(zip(names.tolist(), counts.tolist(), strict=True))
     assert per_file["data/bucket=6x9/part-00000-000.parquet"] <= 5 + 3 - 1
-    for column, budget in (("bucket_64", 64), ("bucket_256", 256)):
+    for column in ("bucket_64", "bucket_256"):
         for world in (1, 2, 3, 7):
             for rank in range(world):
-                got = ShardIndex.from_table(local, str(root), index, column, budget, rank, world)
-                assert_same_shard(got, ShardIndex.from_files(local, paths, column, budget, rank, world))
-    with pytest.raises(ValueError, match="fewer than the 12 ranks"):
-        ShardIndex.from_table(local, str(root), index, "bucket_64", 64, 11, 12)
+                got = Shard.from_table(str(root), index, column, rank, world)
+                assert_same_shard(got, Shard.from_files(local, in_index_order(paths, str(root)), column, rank, world))
     with pytest.raises(ValueError, match="not sorted or not contiguous"):
-        ShardIndex.from_table(local, str(root), index.take([1, 0, *range(2, index.num_rows)]), "bucket_64", 64, 0, 1)
+        Shard.from_table(str(root), index.take([1, 0, *range(2, index.num_rows)]), "bucket_64", 0, 1)
+
+    # The index file in several row groups (blocks): each starts at a data row group, the footer carries the
+    # layout, and a rank's blocks together deal the same units as the footers.
+    monkeypatch.setattr(row_index, "INDEX_ROWS_PER_GROUP", 4)
+    builder.write(str(root))
+    for world in (1, 2, 3):
+        for rank in range(world):
+            view = ShardIndex.from_index(str(root), "bucket_256", 256, rank, world, filesystem=local)
+            assert view.blocks > 4 and sum(view.layout.group_units) == index["start"].to_pylist().count(0)
+            assert view.rows == 66 and sum(view.bucket_sizes().values()) == 66
+            want = Shard.from_files(local, in_index_order(paths, str(root)), "bucket_256", rank, world)
+            assert_same_shard(view.whole(), want)
+            assert sum(view.shard([b]).rows for b in range(view.blocks)) == want.rows
+    # An index from before footers carried the layout: one row group is read whole; more need `vitok index`.
+    pq.write_table(index, root / INDEX, row_group_size=index.num_rows)
+    old = ShardIndex.from_index(str(root), "bucket_64", 64, 0, 2, filesystem=local)
+    assert_same_shard(old.whole(), Shard.from_files(local, in_index_order(paths, str(root)), "bucket_64", 0, 2))
+    pq.write_table(index, root / INDEX, row_group_size=10)
+    with pytest.raises(MissingIndexError, match=rf"written before indexes carried their layout.*vitok index {root}"):
+        ShardIndex.from_index(str(root), "bucket_64", 64, 0, 2, filesystem=local)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +231,7 @@ def ingested(ray_local, tmp_path_factory) -> dict[str, Any]:
 def test_ingest_writes_an_index_matching_its_data_files(ingested):
     out = IngestOutput(ingested["output"])
     index = assert_index_matches_data(out.uri, ["bucket_64", "bucket_256"])
-    assert ingested["code_version"] == "ingest-3"
+    assert ingested["code_version"] == "ingest-4"
     assert ingested["index"] == {"file": INDEX, "row_groups": len(out.data_files()[1]), "runs": index.num_rows}
     assert pc.sum(index["rows"]).as_py() == out.counts["accepted"] == 28
     for budget in (64, 256):
@@ -228,19 +253,26 @@ def test_shard_index_reads_only_the_index_and_equals_the_footers(ingested):
     for budget in (64, 256):
         for world in (1, 2, 3):
             for rank in range(world):
-                got = ShardIndex.build(uri, budget, rank, world)
-                assert_same_shard(got, ShardIndex.from_files(local_fs, files, f"bucket_{budget}", budget, rank, world))
-                assert got.files == files
+                got = ShardIndex.build(uri, budget, rank, world).whole()
+                want = Shard.from_files(local_fs, in_index_order(files, uri), f"bucket_{budget}", rank, world)
+                assert_same_shard(got, want)
+                assert got.files == in_index_order(files, uri)
+    with pytest.raises(ValueError, match=r"row groups in the output at .*, fewer than the 99 ranks"):
+        ShardIndex.build(uri, 64, rank=98, world=99)
 
     filesystem, handler = counting(fsspec.filesystem("file"))
-    ShardIndex.build(uri, 256, rank=1, world=2, filesystem=filesystem)
-    after = (len(handler.opened), handler.reads)
+    index = ShardIndex.build(uri, 256, rank=1, world=2, filesystem=filesystem)
+    started = (len(handler.opened), handler.reads)
     assert handler.opened == [f"{uri}/{INDEX}"] and handler.reads <= 3, (handler.opened, handler.reads)
+    index.whole()
+    after = (len(handler.opened), handler.reads)
+    assert set(handler.opened) == {f"{uri}/{INDEX}"}, handler.opened  # no data file
     filesystem, handler = counting(fsspec.filesystem("file"))
-    ShardIndex.from_files(filesystem, files, "bucket_256", 256, rank=1, world=2)
+    Shard.from_files(filesystem, files, "bucket_256", rank=1, world=2)
     before = (len(handler.opened), handler.reads)
     assert before[0] >= len(files) and before[1] > len(files) > 1  # a footer per file, a read per row group
     print(f"\nplanning one rank (1 of 2), {len(files)} files: opens, reads before {before}, after {after}")
+    print(f"start-up (the index's footer only): {started}")
 
 
 @pytest.mark.slow
@@ -250,7 +282,7 @@ def test_evaluate_and_cache_latents_plan_from_the_index(ingested, tmp_path):
     uri = ingested["output"]
     files = IngestOutput(uri).data_files()[1]
     want = []  # the plan as evaluate made it from the footers: row groups in file order, 2 images a task, 7
-    for path in files:
+    for path in in_index_order(files, uri):  # the index lists files in hash order
         for group in range(pq.ParquetFile(path).metadata.num_row_groups):
             rows = pq.ParquetFile(path).metadata.row_group(group).num_rows
             for start in range(0, rows, 2):
@@ -294,8 +326,8 @@ def test_old_output_fails_with_the_fix_and_vitok_index_repairs_it(ingested, tmp_
     local_fs, files = IngestOutput(old).data_files()
     for budget in (64, 256):
         for rank in range(2):
-            got = ShardIndex.build(old, budget, rank, 2)
-            assert_same_shard(got, ShardIndex.from_files(local_fs, files, f"bucket_{budget}", budget, rank, 2))
+            got = ShardIndex.build(old, budget, rank, 2).whole()
+            assert_same_shard(got, Shard.from_files(local_fs, in_index_order(files, old), f"bucket_{budget}", rank, 2))
 
     Path(old, "_SUCCESS").unlink()  # an unfinished output: refused in one line, nothing written
     with pytest.raises(SystemExit) as done:
@@ -315,11 +347,11 @@ def test_index_on_s3(ingested, s3_endpoint):
     fs.invalidate_cache()
 
     filesystem, handler = counting(fs)
-    got = ShardIndex.build(uri, 256, rank=0, world=2, filesystem=filesystem)
-    assert handler.opened == [f"{uri.removeprefix('s3://')}/{INDEX}"] and handler.reads <= 3
-    assert_same_shard(got, ShardIndex.build(local, 256, rank=0, world=2))
+    got = ShardIndex.build(uri, 256, rank=0, world=2, filesystem=filesystem).whole()
+    assert set(handler.opened) == {f"{uri.removeprefix('s3://')}/{INDEX}"} and handler.reads <= 6
+    assert_same_shard(got, ShardIndex.build(local, 256, rank=0, world=2).whole())
     assert got.files == [
-        f"{uri.removeprefix('s3://')}/{p.removeprefix(local + '/')}" for p in ShardIndex.build(local, 256).files
+        f"{uri.removeprefix('s3://')}/{p.removeprefix(local + '/')}" for p in ShardIndex.build(local, 256).whole().files
     ]
     assert IngestOutput(uri).data_uris() == [
         f"{uri}/{p.removeprefix(local + '/')}" for p in IngestOutput(local).data_files()[1]
@@ -333,4 +365,6 @@ def test_index_on_s3(ingested, s3_endpoint):
         vitok(["index", uri])
     assert done.value.code == 0
     assert read_index(uri).equals(read_index(local))
-    assert_same_shard(ShardIndex.build(uri, 64, rank=1, world=3), ShardIndex.build(local, 64, rank=1, world=3))
+    assert_same_shard(
+        ShardIndex.build(uri, 64, rank=1, world=3).whole(), ShardIndex.build(local, 64, rank=1, world=3).whole()
+    )

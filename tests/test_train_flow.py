@@ -111,7 +111,10 @@ def test_flow_trains_exports_ema_and_samples(cache, trained):
     # The Ray-task path (taken with flow.use_gpu: a cluster's job driver holds no GPU) gives the same images.
     cfg = config(cache, cache[0] / "flow-reference")
     args = (trained["export"], cache[1]["encoder"], [int(x) for x in labels], to_dict(cfg.flow.sample))
-    assert np.array_equal(np.stack(generate_in_task(args, gpus=0, cpus=1)), images)
+    # Up to rounding: the task runs with one thread (Ray sets OMP_NUM_THREADS from num_cpus), this process with
+    # torch's default, and float sums in another order can move a pixel across a uint8 step (seen: 1 in 331,776).
+    diff = np.abs(np.stack(generate_in_task(args, gpus=0, cpus=1)).astype(np.int16) - images)
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-4 * diff.size, (diff.max(), np.count_nonzero(diff))
     again = run_sample(config(cache, cache[0] / "flow-reference", f"flow.sample.out={cache[0] / 'again'}"))
     with fsspec.open(join(again["output"], "samples.npz"), "rb") as f:
         assert np.array_equal(np.load(io.BytesIO(f.read()))["images"], images)  # same seed, same images

@@ -1,27 +1,33 @@
 """NaFlex training batches from an ingest output: one bucket per batch, disjoint shards, exact resume.
 
-    index = ShardIndex.build("runs/ingest/<key>", budget=256, rank=0, world=8)
+    index = ShardIndex.build("runs/ingest/<key>", budget=256, rank=0, world=8)   # the index's footer only
     loader = BucketLoader(index, micro_batch=32, seed=0, patch_size=16, augment=cfg.data.augment)
-    for batch in loader.batches(start=position):   # position = batches this rank already consumed
+    for batch in loader.batches(start=position):   # a Position (0 at first); after it: Position.after(batch)
         ...
 
 Why a torch DataLoader over the Parquet files and not Ray Data's `iter_torch_batches`: every batch must
 hold images of one bucket (dense, no padding), and a resumed run must continue at exactly the batch where
-the checkpoint was taken. Here the order of batches is a pure function of (seed, rank, budget, epoch) and
-of the bucket column alone, computed without reading any image, so a resume skips N batches in
-milliseconds; decode and augmentation run in DataLoader processes, in order. The bucket of every row comes
-from the output's row-group index (`index.parquet`, vitok_core/row_index.py), so building a rank's index
-reads that one file and opens no data file.
+the checkpoint was taken. Here the order of batches is a pure function of (seed, rank, world, budget) and of
+the output's row-group index (`index.parquet`, vitok_core/row_index.py), computed without reading any image;
+decode and augmentation run in DataLoader processes, in order, each given only the (file, row group, row) of
+its batch's images.
+
+Start-up does not grow with the output: a rank reads the index's footer (its layout: row groups per index
+row group, rows per bucket), then one index row group (a *block*, ~65k runs: ~3.5k data files, ~7M images
+at ingest's sizes) when its plan reaches it. The index lists files in hash order, so a block holds every
+bucket in proportion. A position is (epoch, block, batch in the block, batch number), so a resume reads the
+one block it is in; a count of batches (`start=N`) still works, by replaying the plan block by block.
 
 Sharding: the unit is a Parquet row group (~256 images of one first-budget bucket). Units are dealt
-round-robin to ranks, so ranks read disjoint data and differ by at most one unit.
+round-robin to ranks by their number in the index, so ranks read disjoint data and differ by at most one unit.
 
-Shuffling: each epoch permutes this rank's units; units are taken `window` at a time, their rows grouped
-by bucket at the current budget, shuffled, cut into micro-batches, and the window's batches shuffled.
-A bucket's rows that do not fill a batch carry over to the next window, so no image waits more than an
-epoch. Buckets are thus drawn in proportion to their size. Each DataLoader process keeps the row groups of
-the current window in a small cache; with P processes a row group is read up to P times (bytes are cheap
-next to decoding them).
+Shuffling: each epoch visits the blocks in a random order (the same on every rank) and permutes this rank's
+units of a block; units are taken `window` at a time, their rows grouped by bucket at the current budget,
+shuffled, cut into micro-batches, and the window's batches shuffled. A bucket's rows that do not fill a batch
+carry over to the next window; those left at a block's end (fewer than micro_batch per bucket) wait for the
+next epoch, whose order differs. Buckets are thus drawn in proportion to their size. Each DataLoader process
+keeps the row groups of the current window in a small cache; with P processes a row group is read up to P
+times (bytes are cheap next to decoding them).
 
 Augmentation (method.md section 3): with probability rrc_prob a *batch* is a random-resized-crop batch
 (every image cropped to rrc_size^2), else native; the choice is per batch so that a batch stays in one
@@ -34,8 +40,8 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, astuple, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,33 +53,119 @@ import torch
 from vitok_core.images import decode_image, to_tensor
 from vitok_core.io_retry import retry_call
 from vitok_core.naflex import PatchDict, collate, patchify, random_augment, resize_to_budget
+from vitok_core.row_index import IndexLayout
 
-__all__ = ["BucketLoader", "LatentLoader", "ShardIndex"]
+__all__ = ["BucketLoader", "LatentLoader", "Position", "Shard", "ShardIndex"]
 
 log = logging.getLogger("vitok.loader")
 
 
 @dataclass
-class ShardIndex:
-    """One rank's rows of an ingest output at one budget: where each row is and which bucket it is in."""
+class Shard:
+    """One rank's rows in some of an output's index row groups: where each row is and which bucket it is in."""
 
-    filesystem: pafs.FileSystem
-    files: list[str]  # data files, on `filesystem`
-    column: str  # the bucket column the index groups rows by
+    files: list[str]  # data files, on the index's filesystem
     units: np.ndarray  # [U, 2] int: (file index, row group) of this rank's units
     unit_start: np.ndarray  # [U + 1] int: rows of unit u are unit_start[u]:unit_start[u + 1]
     bucket_codes: np.ndarray  # [R] int: each row's bucket, an index into `buckets`
-    buckets: list[str]  # "RxC" grids at `budget`
+    buckets: list[str]  # "RxC" grids at the budget
+
+    @classmethod
+    def from_table(
+        cls, root: str, table: pa.Table, column: str, rank: int, world: int, first_unit: np.ndarray | int = 0
+    ) -> Shard:
+        """From index runs (file relative to `root`, row_group, start, rows, `column`) in index order. Row group
+        u of the table (counted from 0) is the output's unit number u + first_unit (per run, or one number for
+        all), and is this rank's when that number % world == rank: the units are dealt round-robin."""
+        n = table.num_rows
+        files = table.column("file").combine_chunks().dictionary_encode()
+        file_codes = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        groups, starts, rows = (table.column(c).to_numpy().astype(np.int64) for c in ("row_group", "start", "rows"))
+        new_unit = np.ones(n, dtype=bool)
+        new_unit[1:] = (file_codes[1:] != file_codes[:-1]) | (groups[1:] != groups[:-1])
+        expected_start = np.zeros(n, dtype=np.int64)  # a row group's runs are contiguous and start at row 0
+        expected_start[1:] = starts[:-1] + rows[:-1]
+        expected_start[new_unit] = 0
+        if n and (np.any(starts != expected_start) or np.any(rows < 1) or np.any(np.diff(file_codes) < 0)):
+            raise ValueError(f"the row-group index under {root} is not sorted or not contiguous")
+        unit_of_run = np.cumsum(new_unit) - 1
+        mine = (unit_of_run + first_unit) % world == rank
+        local = np.cumsum(mine & new_unit)[mine] - 1  # this rank's unit number of each of its runs
+        unit_rows = np.bincount(local, weights=rows[mine]).astype(np.int64) if len(local) else np.zeros(0, np.int64)
+        first = mine & new_unit
+        buckets = table.column(column).combine_chunks().filter(pa.array(mine)).dictionary_encode()
+        codes = buckets.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        return cls(
+            files=[f"{root}/{name}" for name in files.dictionary.to_pylist()],
+            units=np.stack([file_codes[first], groups[first]], axis=1).reshape(-1, 2),
+            unit_start=np.concatenate([[0], np.cumsum(unit_rows)]).astype(np.int64),
+            bucket_codes=np.repeat(codes, rows[mine]),
+            buckets=buckets.dictionary.to_pylist(),
+        )
+
+    @classmethod
+    def from_files(cls, filesystem: pafs.FileSystem, files: list[str], column: str, rank: int, world: int) -> Shard:
+        """Read the footers of every file and the bucket column of this rank's row groups: a request per file
+        and per row group, which at scale takes hours (docs/scaling.md section 3). The readers use the index;
+        this stays as the reference it is checked against (every row group of the output, in `files` order)."""
+        all_units = []
+        for f, path in enumerate(files):
+            meta = pq.ParquetFile(path, filesystem=filesystem).metadata
+            all_units += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        mine = all_units[rank::world]
+        names: dict[str, int] = {}
+        codes, starts = [], [0]
+        opened: dict[int, pq.ParquetFile] = {}
+        for f, g, rows in mine:
+            parquet = opened.setdefault(f, pq.ParquetFile(files[f], filesystem=filesystem))
+            values = parquet.read_row_group(g, columns=[column]).column(0).to_pylist()
+            assert len(values) == rows, (files[f], g)
+            codes += [names.setdefault(b, len(names)) for b in values]
+            starts.append(starts[-1] + rows)
+        return cls(
+            files=files,
+            units=np.array([(f, g) for f, g, _ in mine], dtype=np.int64).reshape(-1, 2),
+            unit_start=np.array(starts, dtype=np.int64),
+            bucket_codes=np.array(codes, dtype=np.int64),
+            buckets=list(names),
+        )
+
+    @property
+    def rows(self) -> int:
+        return int(self.unit_start[-1])
+
+    def bucket_sizes(self) -> dict[str, int]:
+        counts = np.bincount(self.bucket_codes, minlength=len(self.buckets))
+        return {b: int(n) for b, n in zip(self.buckets, counts, strict=True)}
+
+    def row_refs(self, rows: np.ndarray) -> tuple[list[tuple[str, int]], list[int]]:
+        """(file, row group) and the row within it, of each row number: what a DataLoader process reads."""
+        units = np.searchsorted(self.unit_start, rows, side="right") - 1
+        refs = [(self.files[f], int(g)) for f, g in self.units[units].tolist()]
+        return refs, (rows - self.unit_start[units]).tolist()
+
+
+@dataclass
+class ShardIndex:
+    """One rank's view of an output at one budget, from its row-group index (vitok_core/row_index.py): the
+    index's layout from its footer at once, then its rows an index row group (a block) at a time, when the
+    plan reaches it. Start-up reads the footer and the first block, whatever the output's size."""
+
+    filesystem: pafs.FileSystem
+    root: str  # the output, on `filesystem`
+    column: str  # the bucket column the plan groups rows by
     budget: int
     rank: int
     world: int
+    layout: IndexLayout
+    stage: str = "ingest"
 
     @classmethod
     def build(
         cls, uri: str, budget: int, rank: int = 0, world: int = 1, filesystem: pafs.FileSystem | None = None
     ) -> ShardIndex:
-        """This rank's rows of a completed ingest output, by bucket at `budget`, from its index.parquet alone
-        (no data file is opened). `filesystem`: one holding the output's paths, instead of Arrow's for `uri`."""
+        """This rank's view of a completed ingest output at `budget`, from its index.parquet alone (no data
+        file is opened). `filesystem`: one holding the output's paths, instead of Arrow's for `uri`."""
         from vitok_core.ingest_output import IngestOutput  # the reader checks _SUCCESS and the budgets
 
         output = IngestOutput(uri)
@@ -92,132 +184,131 @@ class ShardIndex:
         filesystem: pafs.FileSystem | None = None,
         stage: str = "ingest",
     ) -> ShardIndex:
-        """This rank's rows of the output at `uri` (ingest, or cache_latents with column "bucket") from its
-        row-group index (vitok_core.row_index): one file, only the columns this budget needs. The same units,
-        rows and bucket codes as `from_files` over the output's data files."""
-        from vitok_core.row_index import read_index, resolve
+        """The view of the output at `uri` (ingest, or cache_latents with column "bucket"): its index's footer
+        only (one or two requests)."""
+        from vitok_core.row_index import read_layout, resolve
 
         filesystem, root = resolve(uri, filesystem)
-        table = read_index(uri, ["file", "row_group", "start", "rows", column], filesystem, stage)
-        return cls.from_table(filesystem, root, table, column, budget, rank, world)
+        layout, _ = read_layout(uri, filesystem, stage)
+        if column not in layout.bucket_rows:
+            raise KeyError(f"the index of {uri} has no column {column}; it has {sorted(layout.bucket_rows)}")
+        units = sum(layout.group_units)
+        if rank >= units:
+            raise ValueError(f"{units} row groups in the output at {uri}, fewer than the {world} ranks")
+        return cls(filesystem, root, column, budget, rank, world, layout, stage)
 
-    @classmethod
-    def from_table(
-        cls,
-        filesystem: pafs.FileSystem,
-        root: str,
-        table: pa.Table,
-        column: str,
-        budget: int,
-        rank: int,
-        world: int,
-    ) -> ShardIndex:
-        """From an index table (file relative to `root`, row_group, start, rows, `column`), sorted by file,
-        row group and start. Units are the row groups in that order, dealt round-robin as in `from_files`."""
-        n = table.num_rows
-        files = table.column("file").combine_chunks().dictionary_encode()
-        file_codes = files.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        groups, starts, rows = (table.column(c).to_numpy().astype(np.int64) for c in ("row_group", "start", "rows"))
-        new_unit = np.ones(n, dtype=bool)
-        new_unit[1:] = (file_codes[1:] != file_codes[:-1]) | (groups[1:] != groups[:-1])
-        expected_start = np.zeros(n, dtype=np.int64)  # a row group's runs are contiguous and start at row 0
-        expected_start[1:] = starts[:-1] + rows[:-1]
-        expected_start[new_unit] = 0
-        if n and (np.any(starts != expected_start) or np.any(rows < 1) or np.any(np.diff(file_codes) < 0)):
-            raise ValueError(f"the row-group index under {root} is not sorted or not contiguous")
-        unit_of_run = np.cumsum(new_unit) - 1
-        n_units = int(unit_of_run[-1]) + 1 if n else 0
-        if rank >= n_units:
-            raise ValueError(f"{n_units} row groups in {len(files.dictionary)} files, fewer than the {world} ranks")
-        mine = unit_of_run % world == rank
-        local = (unit_of_run[mine] - rank) // world  # this rank's unit number of each of its runs
-        unit_rows = np.bincount(local, weights=rows[mine]).astype(np.int64)
-        first = mine & new_unit
-        buckets = table.column(column).combine_chunks().filter(pa.array(mine)).dictionary_encode()
-        codes = buckets.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        return cls(
-            filesystem=filesystem,
-            files=[f"{root}/{name}" for name in files.dictionary.to_pylist()],
-            column=column,
-            units=np.stack([file_codes[first], groups[first]], axis=1).reshape(-1, 2),
-            unit_start=np.concatenate([[0], np.cumsum(unit_rows)]).astype(np.int64),
-            bucket_codes=np.repeat(codes, rows[mine]),
-            buckets=buckets.dictionary.to_pylist(),
-            budget=budget,
-            rank=rank,
-            world=world,
-        )
-
-    @classmethod
-    def from_files(
-        cls, filesystem: pafs.FileSystem, files: list[str], column: str, budget: int, rank: int, world: int
-    ) -> ShardIndex:
-        """Read the footers of every file and the bucket column of this rank's row groups: a request per file
-        and per row group, which at scale takes hours (docs/scaling.md section 3). The readers use
-        `from_index`; this stays as the reference the index is checked against."""
-        all_units = []
-        for f, path in enumerate(files):
-            meta = pq.ParquetFile(path, filesystem=filesystem).metadata
-            all_units += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        mine = all_units[rank::world]
-        if not mine:
-            raise ValueError(f"{len(all_units)} row groups in {len(files)} files, fewer than the {world} ranks")
-        names: dict[str, int] = {}
-        codes, starts = [], [0]
-        opened: dict[int, pq.ParquetFile] = {}
-        for f, g, rows in mine:
-            parquet = opened.setdefault(f, pq.ParquetFile(files[f], filesystem=filesystem))
-            values = parquet.read_row_group(g, columns=[column]).column(0).to_pylist()
-            assert len(values) == rows, (files[f], g)
-            codes += [names.setdefault(b, len(names)) for b in values]
-            starts.append(starts[-1] + rows)
-        return cls(
-            filesystem=filesystem,
-            files=files,
-            column=column,
-            units=np.array([(f, g) for f, g, _ in mine], dtype=np.int64).reshape(-1, 2),
-            unit_start=np.array(starts, dtype=np.int64),
-            bucket_codes=np.array(codes, dtype=np.int64),
-            buckets=list(names),
-            budget=budget,
-            rank=rank,
-            world=world,
-        )
+    @property
+    def blocks(self) -> int:
+        """Index row groups: the plan's blocks."""
+        return len(self.layout.group_runs)
 
     @property
     def rows(self) -> int:
-        return int(self.unit_start[-1])
+        """Rows of the whole output (all ranks)."""
+        return sum(self.layout.bucket_rows[self.column].values())
 
     def bucket_sizes(self) -> dict[str, int]:
-        counts = np.bincount(self.bucket_codes, minlength=len(self.buckets))
-        return {b: int(n) for b, n in zip(self.buckets, counts, strict=True)}
+        """Rows per bucket of the whole output (all ranks)."""
+        return dict(self.layout.bucket_rows[self.column])
+
+    def shard(self, blocks: Sequence[int]) -> Shard:
+        """This rank's rows in index row groups `blocks`: reads only those."""
+        from vitok_core.row_index import INDEX
+
+        blocks = sorted(int(b) for b in blocks)
+        columns = ["file", "row_group", "start", "rows", self.column]
+
+        def read() -> pa.Table:
+            with self.filesystem.open_input_file(f"{self.root}/{INDEX}") as f:
+                return pq.ParquetFile(f).read_row_groups(blocks, columns=columns)
+
+        table = retry_call(read, None, f"{self.root}/{INDEX} row groups {blocks[:4]}")
+        before = np.concatenate([[0], np.cumsum(self.layout.group_units)])
+        runs = np.asarray(self.layout.group_runs, dtype=np.int64)[blocks]
+        read_before = np.concatenate([[0], np.cumsum(np.asarray(self.layout.group_units)[blocks])])[:-1]
+        first_unit = np.repeat(before[blocks] - read_before, runs)  # table unit number -> the output's
+        return Shard.from_table(self.root, table, self.column, self.rank, self.world, first_unit)
+
+    def whole(self) -> Shard:
+        """This rank's rows in the whole output (every block): for checks, not for training at scale."""
+        return self.shard(range(self.blocks))
 
 
-def batch_plan(index: ShardIndex, micro_batch: int, seed: int, window: int) -> Iterator[np.ndarray]:
-    """The endless, deterministic sequence of this rank's micro-batches (arrays of row numbers)."""
-    if max(index.bucket_sizes().values()) < micro_batch:
+@dataclass(frozen=True)
+class Position:
+    """Where a rank is in its endless plan: batch `offset` of block `block` (in the epoch's order) of
+    `epoch`, the rank's batch `number` overall. A resume reads that one block, not the ones before it."""
+
+    epoch: int = 0
+    block: int = 0
+    offset: int = 0
+    number: int = 0
+
+    def next(self) -> Position:
+        return replace(self, offset=self.offset + 1, number=self.number + 1)
+
+    def state(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def after(cls, batch: Mapping[str, Any]) -> Position:
+        """The position following a batch the loader gave (its "position" entry)."""
+        return cls(*(int(v) for v in batch["position"].tolist())).next()
+
+
+def _block_batches(shard: Shard, micro_batch: int, window: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """One block's micro-batches (row numbers of `shard`), shuffled: units a window at a time, their rows
+    grouped by bucket and shuffled, cut into batches; rows that do not fill a batch carry to the next window
+    and, at the block's end, wait for the next epoch."""
+    order = rng.permutation(len(shard.units))
+    carry = np.empty(0, dtype=np.int64)
+    for w in range(0, len(order), window):
+        rows = [np.arange(shard.unit_start[u], shard.unit_start[u + 1]) for u in order[w : w + window]]
+        rows = np.concatenate([carry, *rows])
+        codes = shard.bucket_codes[rows]
+        batches, leftover = [], []
+        for code in np.unique(codes):
+            members = rng.permutation(rows[codes == code])
+            full = len(members) // micro_batch * micro_batch
+            batches += np.split(members[:full], full // micro_batch) if full else []
+            leftover.append(members[full:])
+        carry = np.concatenate(leftover) if leftover else np.empty(0, dtype=np.int64)
+        for b in rng.permutation(len(batches)):
+            yield batches[b]
+
+
+def batch_plan(
+    index: ShardIndex, micro_batch: int, seed: int, window: int, start: Position | None = None
+) -> Iterator[tuple[Position, Shard, np.ndarray]]:
+    """The endless, deterministic sequence of this rank's micro-batches from `start`: (position, the block's
+    shard, row numbers in it). Each epoch visits the blocks in a random order (the same on every rank) and
+    shuffles within each block (`_block_batches`)."""
+    start = start or Position()
+    largest = max(index.bucket_sizes().values(), default=0)
+    if largest < micro_batch * index.world:
         raise ValueError(
-            f"rank {index.rank}: no bucket at budget {index.budget} holds micro_batch={micro_batch} images "
-            f"(largest {max(index.bucket_sizes().values())}); lower train.micro_batch_size or add data"
+            f"rank {index.rank}: no bucket at budget {index.budget} holds micro_batch={micro_batch} images per "
+            f"rank (largest {largest} over {index.world} ranks); lower train.micro_batch_size or add data"
         )
-    n_units = len(index.units)
-    for epoch in itertools.count():
-        rng = np.random.default_rng([seed, index.rank, index.world, index.budget, epoch])
-        order = rng.permutation(n_units)
-        carry = np.empty(0, dtype=np.int64)
-        for w in range(0, n_units, window):
-            rows = [np.arange(index.unit_start[u], index.unit_start[u + 1]) for u in order[w : w + window]]
-            rows = np.concatenate([carry, *rows])
-            codes = index.bucket_codes[rows]
-            batches, leftover = [], []
-            for code in np.unique(codes):
-                members = rng.permutation(rows[codes == code])
-                full = len(members) // micro_batch * micro_batch
-                batches += np.split(members[:full], full // micro_batch) if full else []
-                leftover.append(members[full:])
-            carry = np.concatenate(leftover) if leftover else np.empty(0, dtype=np.int64)
-            for b in rng.permutation(len(batches)):
-                yield batches[b]
+    number = start.number
+    for epoch in itertools.count(start.epoch):
+        order = np.random.default_rng([seed, index.world, index.budget, epoch]).permutation(index.blocks)
+        first = start.block if epoch == start.epoch else 0
+        yielded = False
+        for block in range(first, index.blocks):
+            shard = index.shard([order[block]])
+            rng = np.random.default_rng([seed, index.rank, index.world, index.budget, epoch, block])
+            skip = start.offset if (epoch, block) == (start.epoch, start.block) else 0
+            for offset, rows in enumerate(_block_batches(shard, micro_batch, window, rng)):
+                yielded = True
+                if offset >= skip:
+                    yield Position(epoch, block, offset, number), shard, rows
+                    number += 1
+        if first == 0 and not yielded:
+            raise ValueError(
+                f"rank {index.rank}: a whole epoch at budget {index.budget} gave no batch of {micro_batch} "
+                f"images of one bucket; lower train.micro_batch_size or add data"
+            )
 
 
 @dataclass(frozen=True)
@@ -240,40 +331,44 @@ class Augment:
 
 
 class _RowGroups(torch.utils.data.Dataset):
-    """Item (batch number, row numbers) -> one batch, reading row groups through a small LRU cache.
-    Runs in DataLoader processes; subclasses say which columns they need and how rows become a batch."""
+    """Item (position, (file, row group) and row within it of each image) -> one batch, reading row groups
+    through a small LRU cache. Runs in DataLoader processes, which get this small object and never the index;
+    subclasses say which columns they need and how rows become a batch."""
 
     columns: tuple[str, ...] = ()
     retry: Any = None  # the io config section for reading row groups (vitok_core/io_retry.py); None = defaults
 
     def __init__(self, index: ShardIndex, cache: int) -> None:
-        self.index, self.cache_size = index, cache
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self.filesystem, self.column, self.rank, self.budget = index.filesystem, index.column, index.rank, index.budget
+        self.cache_size = cache
+        self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
 
     def __len__(self) -> int:  # items come from the sampler; the length is not used
         return 0
 
-    def _unit(self, unit: int) -> pa.Table:
-        if unit in self._cache:
-            self._cache.move_to_end(unit)
-            return self._cache[unit]
-        f, g = self.index.units[unit]
+    def _unit(self, ref: tuple[str, int]) -> pa.Table:
+        if ref in self._cache:
+            self._cache.move_to_end(ref)
+            return self._cache[ref]
+        path, group = ref
 
         def read() -> pa.Table:  # transient errors retried; one that outlives its retries fails the run's step
-            parquet = pq.ParquetFile(self.index.files[f], filesystem=self.index.filesystem)
-            return parquet.read_row_group(int(g), columns=[*self.columns, self.index.column])
+            parquet = pq.ParquetFile(path, filesystem=self.filesystem)
+            return parquet.read_row_group(group, columns=[*self.columns, self.column])
 
-        table = retry_call(read, self.retry, f"{self.index.files[f]} row group {g}")
-        self._cache[unit] = table
+        table = retry_call(read, self.retry, f"{path} row group {group}")
+        self._cache[ref] = table
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return table
 
-    def rows(self, rows: np.ndarray) -> Iterator[tuple[pa.Table, int]]:
-        """(row group table, row within it) for each row number, in order."""
-        units = np.searchsorted(self.index.unit_start, rows, side="right") - 1
-        for row, unit in zip(rows.tolist(), units.tolist(), strict=True):
-            yield self._unit(unit), row - int(self.index.unit_start[unit])
+    def rows(self, refs: list[tuple[str, int]], within: list[int]) -> Iterator[tuple[pa.Table, int]]:
+        """(row group table, row within it) for each image, in order."""
+        for ref, row in zip(refs, within, strict=True):
+            yield self._unit(ref), row
+
+
+_Item = tuple[tuple[int, int, int, int], list[tuple[str, int]], list[int]]  # position, refs, rows within
 
 
 class _Batches(_RowGroups):
@@ -285,16 +380,16 @@ class _Batches(_RowGroups):
         super().__init__(index, cache)
         self.patch_size, self.seed, self.augment = patch_size, seed, augment
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> PatchDict:
-        number, rows = item
-        index = self.index
+    def __getitem__(self, item: _Item) -> PatchDict:
+        position, refs, within = item
+        number = position[3]
         generator = torch.Generator().manual_seed(
-            int(np.random.default_rng([self.seed, index.rank, index.budget, number]).integers(2**62))
+            int(np.random.default_rng([self.seed, self.rank, self.budget, number]).integers(2**62))
         )
         aug = self.augment
         rrc = float(torch.rand((), generator=generator)) < aug.rrc_prob
         samples, buckets = [], set()
-        for table, i in self.rows(rows):
+        for table, i in self.rows(refs, within):
             buckets.add(table.column(1)[i].as_py())
             image = to_tensor(decode_image(table.column(0)[i].as_py()))
             image = random_augment(
@@ -306,22 +401,25 @@ class _Batches(_RowGroups):
                 rrc_ratio=aug.rrc_ratio,
                 flip_prob=aug.flip_prob,
             )
-            samples.append(patchify(resize_to_budget(image, self.patch_size, index.budget), self.patch_size))
+            samples.append(patchify(resize_to_budget(image, self.patch_size, self.budget), self.patch_size))
         grids = {tuple(s["grid"].tolist()) for s in samples}
         if len(buckets) != 1 or len(grids) != 1:  # the plan groups by bucket: this is a bug, never data
             raise RuntimeError(f"batch {number} mixes buckets {sorted(buckets)} / grids {sorted(grids)}")
         batch = collate(samples)
         batch["number"] = torch.tensor(number)
+        batch["position"] = torch.tensor(position)
         batch["rrc"] = torch.tensor(rrc)
         return batch
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    def __init__(self, plan: Iterator[np.ndarray], start: int) -> None:
-        self.plan, self.start = plan, start
+    def __init__(self, plan: Iterator[tuple[Position, Shard, np.ndarray]], skip: int) -> None:
+        self.plan, self.skip = plan, skip
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        yield from enumerate(itertools.islice(self.plan, self.start, None), start=self.start)
+    def __iter__(self) -> Iterator[_Item]:
+        for position, shard, rows in itertools.islice(self.plan, self.skip, None):
+            refs, within = shard.row_refs(rows)
+            yield astuple(position), refs, within
 
 
 class BucketLoader:
@@ -345,20 +443,26 @@ class BucketLoader:
         self.window, self.workers, self.prefetch = window, workers, prefetch
         self.retry: Any = None  # the io config section, handed to the dataset (vitok_core/io_retry.py)
 
-    def plan(self) -> Iterator[np.ndarray]:
-        return batch_plan(self.index, self.micro_batch, self.seed, self.window)
+    def plan(self, start: Position | None = None) -> Iterator[tuple[Position, Shard, np.ndarray]]:
+        return batch_plan(self.index, self.micro_batch, self.seed, self.window, start)
 
     def dataset(self) -> _RowGroups:
         dataset = _Batches(self.index, self.patch_size, self.seed, self.augment, cache=self.window)
         dataset.retry = self.retry
         return dataset
 
-    def batches(self, start: int = 0) -> Iterator[PatchDict]:
-        """Batches number `start`, `start + 1`, ... (forever). Each carries its `number`."""
+    def batches(self, start: Position | Mapping[str, int] | int = 0) -> Iterator[PatchDict]:
+        """The batches from `start` on (forever): a Position (or its `state()`), where a resume reads only
+        the block it is in; or a count of batches from the beginning, replayed block by block. Each batch
+        carries its `number` and `position` (`Position.after(batch)` is where to resume after it)."""
+        if isinstance(start, int):
+            begin, skip = Position(), start
+        else:
+            begin, skip = (start if isinstance(start, Position) else Position(**start)), 0
         dataset = self.dataset()
         loader = torch.utils.data.DataLoader(
             dataset,
-            sampler=_PlanSampler(self.plan(), start),
+            sampler=_PlanSampler(self.plan(begin), skip),
             batch_size=None,
             num_workers=self.workers,
             prefetch_factor=self.prefetch if self.workers else None,
@@ -412,12 +516,13 @@ class _LatentBatches(_RowGroups):
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: _Item) -> dict[str, torch.Tensor]:
         from vitok_core.latents import from_bytes, grid_positions
 
-        number, rows = item
+        position, refs, within = item
+        number = position[3]
         xs, labels, grids = [], [], set()
-        for table, i in self.rows(rows):
+        for table, i in self.rows(refs, within):
             r, c, ch = (int(table.column(k)[i].as_py()) for k in ("rows", "cols", "channels"))
             z = from_bytes(table.column("latent")[i].as_py(), r * c, ch, table.column("dtype")[i].as_py())
             xs.append((z - self.mean) / self.std)
@@ -428,6 +533,7 @@ class _LatentBatches(_RowGroups):
         positions = grid_positions(*grids.pop())
         batch = {k: v[None].expand(len(xs), *v.shape).clone() for k, v in positions.items()}
         batch.update(x=torch.stack(xs), labels=torch.tensor(labels), number=torch.tensor(number))
+        batch["position"] = torch.tensor(position)
         return batch
 
 

@@ -16,19 +16,29 @@ Schema, one row per *run*: consecutive rows of one row group that share their bu
     bucket_<T>  string  the rows' bucket ("RxC" patch grid) at budget T: one column per ingested budget
                         (a cache_latents output has one column, `bucket`: the latent grid)
 
-Rows are sorted by (file, row_group, start); a row group's runs are contiguous and cover it, so its row count
-is the sum of its runs' `rows`. Ingest sorts each output file's rows by their buckets at the later budgets, so
-a file has at most (row groups + bucket combinations - 1) runs; the first budget's bucket is one per file.
+Rows are sorted by file, then (row_group, start); files are in the order of a hash of their name (`file_order`),
+not by name: data files live under data/bucket=<first-budget bucket>/, so in name order a stretch of the index
+would be one bucket, while in hash order every stretch holds every bucket in proportion. A row group's runs are
+contiguous and cover it, so its row count is the sum of its runs' `rows`. Ingest sorts each output file's rows
+by their buckets at the later budgets, so a file has at most (row groups + bucket combinations - 1) runs; the
+first budget's bucket is one per file.
+
+The index file's own row groups (~INDEX_ROWS_PER_GROUP runs each) never split a data row group's runs, and its
+footer carries `vitok.index` (JSON): each index row group's count of data row groups (`group_units`) and the
+rows per bucket of every bucket column (`bucket_rows`). A training rank reads the footer, then one index row
+group at a time (vitok_core/loader.py): its start-up does not grow with the output.
 
 Torch-free (ingest's Ray workers import it) and free of Ray and Prefect.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,31 +53,39 @@ from vitok_core.artifacts import MANIFEST, SUCCESS, absolute, join, read_json
 __all__ = [
     "INDEX",
     "IndexBuilder",
+    "IndexLayout",
     "MissingIndexError",
+    "file_order",
     "file_runs",
+    "in_index_order",
     "index_from_files",
     "index_output",
     "read_index",
+    "read_layout",
     "require_index",
     "write_index",
+    "write_index_file",
 ]
 
 INDEX = "index.parquet"
 BASE_COLUMNS = ("file", "row_group", "start", "rows")
-INDEX_ROWS_PER_GROUP = 1 << 20  # row groups of the index file itself: a reader that needs its start reads little
+INDEX_ROWS_PER_GROUP = 1 << 16  # runs per row group of the index file itself: a loader's block (~3.5k data files)
+LAYOUT_KEY = "vitok.index"  # the footer's key-value metadata: the index's layout (see the module docstring)
 
 
 class MissingIndexError(FileNotFoundError):
-    """A complete output without index.parquet: written by code from before outputs carried one."""
+    """A complete output without a usable index.parquet: written by code from before outputs carried one (or
+    before index footers carried their layout, `problem`)."""
 
-    def __init__(self, uri: str, stage: str = "ingest") -> None:
+    def __init__(self, uri: str, stage: str = "ingest", problem: str = "") -> None:
         rerun = {
-            "ingest": "rerun ingest with the current code (`vitok run` or `vitok stage ingest`: ingest-3 writes "
+            "ingest": "rerun ingest with the current code (`vitok run` or `vitok stage ingest`: ingest-4 writes "
             "a new output, under a new key, with its index)",
             "cache_latents": "rerun cache_latents with the current code (`vitok run --force cache_latents`)",
         }.get(stage, f"rerun {stage} with the current code")
+        what = f"{uri}: its {INDEX} {problem}" if problem else f"{uri} has no {INDEX}"
         super().__init__(
-            f"{uri} has no {INDEX} (the row-group index every reader plans from; outputs written before it "
+            f"{what} (the row-group index every reader plans from; outputs written before it "
             f"existed lack it): {rerun}, or write the index for this output with `vitok index {uri}`"
         )
         self.uri = uri
@@ -88,6 +106,22 @@ def _strings(values: Sequence[str] | pa.ChunkedArray | pa.Array) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
     return values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+
+
+def file_order(names: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
+    """The index's sort key of each file name: the first 8 bytes of its BLAKE2b digest (stable across
+    processes and versions, unlike Python's hash), so that files of every bucket are interleaved."""
+    values = names.to_pylist() if isinstance(names, pa.Array | pa.ChunkedArray) else list(names)
+    digests = b"".join(hashlib.blake2b(name.encode(), digest_size=8).digest() for name in values)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def in_index_order(paths: Sequence[str], root: str) -> list[str]:
+    """Paths of data files under `root` in the order the index lists them (`file_order` of the name relative
+    to `root`, then the name)."""
+    names = [p[len(root) + 1 :] if p.startswith(root + "/") else p for p in paths]
+    keys = file_order(names)
+    return [paths[i] for i in sorted(range(len(paths)), key=lambda i: (int(keys[i]), names[i]))]
 
 
 def file_runs(buckets: Mapping[str, Sequence[str] | pa.ChunkedArray | pa.Array], sizes: Sequence[int]) -> dict:
@@ -166,10 +200,10 @@ class IndexBuilder:
         return column
 
     def batches(self, rows_per_batch: int = INDEX_ROWS_PER_GROUP) -> Iterator[pa.RecordBatch]:
-        """The index sorted by (file, row_group, start), as `sort` sorts it, in record batches of
-        `rows_per_batch` runs (the last one shorter). Files are sorted by name; their runs are then taken a
-        block of files at a time (about `rows_per_batch` runs, never splitting files of one name) and sorted
-        within the block."""
+        """The index sorted as `sort` sorts it (files by `file_order`, then name; a file's runs by row_group,
+        start), in record batches of `rows_per_batch` runs (the last one shorter). Files are ordered first;
+        their runs are then taken a block of files at a time (about `rows_per_batch` runs, never splitting
+        files of one name) and sorted within the block."""
         self._flush()
         if not self.runs:
             return
@@ -178,6 +212,9 @@ class IndexBuilder:
         counts = np.concatenate(self._counts)
         offsets = np.cumsum(counts) - counts
         by_name = pc.sort_indices(names).to_numpy()  # stable: files of one name stay in the order added
+        name_rank = np.empty(len(by_name), dtype=np.int64)
+        name_rank[by_name] = np.arange(len(by_name))
+        by_name = np.lexsort((name_rank, file_order(names.combine_chunks())))  # hash order; equal names adjacent
         sorted_names = names.take(pa.array(by_name)).combine_chunks()
         rank = np.zeros(len(by_name), dtype=np.int64)  # of each sorted file: equal names share a rank
         if len(by_name) > 1:
@@ -219,18 +256,14 @@ class IndexBuilder:
         """Write `{uri}/index.parquet` from the sorted batches, one index row group at a time: the file
         `write_index(uri, self.table())` writes, without the whole table in memory. Returns its URI."""
 
-        def rows(writer: pq.ParquetWriter) -> None:
-            for batch in self.batches(INDEX_ROWS_PER_GROUP):
-                writer.write_table(pa.Table.from_batches([batch]), row_group_size=INDEX_ROWS_PER_GROUP)
-
-        if not self.runs:  # as write_table writes an empty table
-            return write_index(uri, self.schema.empty_table())
-        return _write_atomically(uri, self.schema, rows)
+        return _write_atomically(uri, self.schema, self.batches(INDEX_ROWS_PER_GROUP))
 
 
 def sort(table: pa.Table) -> pa.Table:
-    keys = [(name, "ascending") for name in ("file", "row_group", "start")]
-    order = pc.sort_indices(table, sort_keys=keys)
+    """`table`'s runs in index order: files by (`file_order`, name), a file's runs by (row_group, start)."""
+    keyed = table.append_column("_order", pa.array(file_order(table.column("file")), pa.uint64()))
+    keys = [(name, "ascending") for name in ("_order", "file", "row_group", "start")]
+    order = pc.sort_indices(keyed, sort_keys=keys)
     return table.take(order).combine_chunks()
 
 
@@ -240,26 +273,99 @@ def count_row_groups(table: pa.Table) -> int:
 
 
 def write_index(uri: str, table: pa.Table) -> str:
-    """Write `{uri}/index.parquet` (temporary name, then rename where the filesystem has one); returns its URI."""
-
-    def rows(writer: pq.ParquetWriter) -> None:
-        writer.write_table(table, row_group_size=INDEX_ROWS_PER_GROUP)
-
-    return _write_atomically(uri, table.schema, rows)
+    """Write `{uri}/index.parquet` from a table in index order (`sort`): temporary name, then rename where the
+    filesystem has one. Returns its URI."""
+    return _write_atomically(uri, table.schema, table.to_batches(max_chunksize=INDEX_ROWS_PER_GROUP))
 
 
-def _write_atomically(uri: str, table_schema: pa.Schema, rows: Any) -> str:
-    """`{uri}/index.parquet`, written by `rows(writer)` to a temporary name, then renamed."""
+class IndexLayout:
+    """What a reader plans from before reading any run: per index row group, its runs and data row groups
+    (`group_runs`, `group_units`), and the rows per bucket of each bucket column. Kept in the footer."""
+
+    def __init__(self, group_runs: list[int], group_units: list[int], bucket_rows: dict[str, dict[str, int]]) -> None:
+        self.group_runs, self.group_units, self.bucket_rows = group_runs, group_units, bucket_rows
+
+    @classmethod
+    def of_groups(cls, groups: Iterable[pa.Table], bucket_columns: Sequence[str]) -> IndexLayout:
+        layout = cls([], [], {name: {} for name in bucket_columns})
+        for group in groups:
+            layout.add(group)
+        return layout
+
+    def add(self, group: pa.Table) -> None:
+        """Count one index row group (a table of runs, in index order)."""
+        rows = group.column("rows").to_numpy().astype(np.int64)
+        self.group_runs.append(group.num_rows)
+        self.group_units.append(int(np.count_nonzero(group.column("start").to_numpy() == 0)))
+        for name, counts in self.bucket_rows.items():
+            encoded = group.column(name).combine_chunks().dictionary_encode()
+            sums = np.bincount(encoded.indices.to_numpy(zero_copy_only=False), rows, len(encoded.dictionary))
+            for bucket, n in zip(encoded.dictionary.to_pylist(), sums.tolist(), strict=True):
+                counts[bucket] = counts.get(bucket, 0) + int(n)
+
+    def to_json(self) -> str:
+        return json.dumps({"group_units": self.group_units, "bucket_rows": self.bucket_rows}, sort_keys=True)
+
+    @classmethod
+    def of_footer(cls, metadata: pq.FileMetaData) -> IndexLayout | None:
+        """The layout a footer carries (None: an index written before footers carried one)."""
+        raw = (metadata.metadata or {}).get(LAYOUT_KEY.encode())
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        runs = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        return cls(runs, [int(n) for n in data["group_units"]], data["bucket_rows"])
+
+
+def aligned_groups(batches: Iterable[pa.RecordBatch], target: int) -> Iterator[pa.Table]:
+    """The runs of `batches` (in index order) cut into tables of at most `target` runs at data row-group
+    starts (start == 0), so that no data row group's runs straddle two index row groups; a data row group of
+    more than `target` runs (never, with ingest's row groups) makes a longer one."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        while count > target:
+            table = pa.Table.from_batches(held)
+            starts = np.flatnonzero(table.column("start").to_numpy() == 0)
+            inside = starts[(starts > 0) & (starts <= target)]
+            after = starts[starts > target]
+            if not len(inside) and not len(after):
+                break  # one data row group so far: wait for the next one's start
+            cut = int(inside[-1] if len(inside) else after[0])
+            yield table.slice(0, cut).combine_chunks()
+            rest = table.slice(cut)
+            held, count = rest.combine_chunks().to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(held).combine_chunks()
+
+
+def _write_atomically(uri: str, table_schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> str:
+    """`{uri}/index.parquet`: the runs of `batches` in aligned index row groups and the layout in the footer,
+    written to a temporary name, then renamed."""
     import fsspec
 
     target = join(uri, INDEX)
     fs, path = fsspec.core.url_to_fs(target)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
-    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, table_schema, compression="zstd") as writer:
-        rows(writer)
+    with fs.open(tmp, "wb") as f:
+        write_index_file(f, table_schema, batches)
     fs.mv(tmp, path)
     return target
+
+
+def write_index_file(sink: Any, table_schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> IndexLayout:
+    """The index file's bytes into `sink` (a writable file object): the runs of `batches`, in index order, in
+    aligned index row groups, and the layout in the footer. Returns the layout."""
+    layout = IndexLayout.of_groups([], [n for n in table_schema.names if n not in BASE_COLUMNS])
+    with pq.ParquetWriter(sink, table_schema, compression="zstd") as writer:
+        for group in aligned_groups(batches, INDEX_ROWS_PER_GROUP):
+            writer.write_table(group, row_group_size=group.num_rows)
+            layout.add(group)
+        writer.add_key_value_metadata({LAYOUT_KEY: layout.to_json()})
+    return layout
 
 
 def resolve(uri: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
@@ -296,6 +402,25 @@ def read_index(
     """The index of the output at `uri` (only `columns`, if given); MissingIndexError if it has none."""
     with _open_index(uri, filesystem, stage) as f:
         return pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def read_layout(
+    uri: str, filesystem: pafs.FileSystem | None = None, stage: str = "ingest"
+) -> tuple[IndexLayout, pq.FileMetaData]:
+    """The layout of the output's index from its footer alone (a request or two, whatever the output's size),
+    and the footer. An index written before footers carried a layout is described from its runs if it has one
+    row group (small by construction); a larger one must be rewritten (`vitok index`)."""
+    with _open_index(uri, filesystem, stage) as f:
+        parquet = pq.ParquetFile(f)
+        layout = IndexLayout.of_footer(parquet.metadata)
+        if layout is None:
+            if parquet.metadata.num_row_groups > 1:
+                raise MissingIndexError(uri.rstrip("/"), stage, "was written before indexes carried their layout")
+            table = parquet.read()
+            layout = IndexLayout.of_groups(
+                [table] if table.num_rows else [], [n for n in table.schema.names if n not in BASE_COLUMNS]
+            )
+        return layout, parquet.metadata
 
 
 def iter_index(
