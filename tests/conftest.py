@@ -15,6 +15,10 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Ray Train's controller polls its workers every 2 s (a missed poll is tolerated for 10 minutes): each
+# training run waits up to that long to see its end and its checkpoints. 0.5 s saves ~2 s a run (measured:
+# the two train_ae tests of 3 runs, 94 s -> 89 s); the suite has ~25 runs, and nothing else changes.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:
