@@ -2,8 +2,8 @@
 
 One run root on S3 (moto on 127.0.0.1) carries the story: a `vitok run` killed during train_ae, the
 rerun (ingest skipped, train_ae resumed from its checkpoint, the rest run), a second run (everything
-skipped), a changed train_ae key (train_ae and downstream rerun, ingest not), a forced evaluate (only
-evaluate reruns). Then bad configs, and a stage through the Ray Jobs API on a real `ray start --head`
+skipped), one run with a changed cache_latents key (it and the later stages rerun) and a forced ingest
+(rerun in place; train_ae skipped). Then bad configs, and a stage through the Ray Jobs API on a real `ray start --head`
 cluster, with a cancelled flow run stopping its Ray job; `vitok submit` on that cluster (a stage run, a failed
 job in one line, SIGTERM stopping the job), `vitok submit` and `vitok run` with the default relative roots (the
 outputs are where the command says, not in the job's working directory), and `vitok run` failing inside its
@@ -159,16 +159,14 @@ def test_dag_on_s3_crash_resume_skip_rerun_and_force(ray_local, prefect_harness,
         stage = artifact.data.split()[1].rstrip(":")  # "## ingest: skipped"
         assert artifact.key is None and f"`{paths[stage]}`" in artifact.data
 
-    # A changed key reruns its stage and everything downstream (cache_latents here: train_ae's key is tested
-    # in test_fingerprint.py, and its rerun would add a training run to the suite).
+    # One run: a changed cache_latents key reruns it and every later stage under new keys, a forced ingest
+    # reruns where it was (its output deleted first), train_ae (done, its key unchanged) is skipped.
     changed = [*overrides, "cache.dtype=fp16"]
-    rerun = full_pipeline("tiny", changed)
-    assert ran(rerun) == ["cache_latents", "train_flow", "evaluate"]
+    rerun = full_pipeline("tiny", changed, force=["ingest"])
+    assert ran(rerun) == ["ingest", "cache_latents", "train_flow", "evaluate"]
     new_paths = outputs(changed)
     assert [new_paths[s] == paths[s] for s in stages.STAGES] == [True, True, False, False, False]
-
-    forced = full_pipeline("tiny", changed, force=["evaluate"])
-    assert ran(forced) == ["evaluate"] and forced["evaluate"]["output"] == new_paths["evaluate"]
+    assert rerun["ingest"]["output"] == paths["ingest"] and is_complete(paths["ingest"])
 
 
 def ui_of(flow_run_id) -> tuple[list, list[str], dict[str, str]]:
