@@ -167,7 +167,7 @@ class _Budgets:
                 workers=cfg.train.loader_workers,
                 pin_memory=cfg.train.use_gpu,
             )
-            loader.retry = to_dict(cfg.io)  # reading the ingest output's row groups (vitok_core/io_retry.py)
+            loader.retry = to_dict(cfg.io)  # reading the index's blocks and the row groups (vitok_core/io_retry.py)
             self._iterator = loader.batches(start=self.position[str(budget)])
             self.budget = budget
             if self.rank == 0:

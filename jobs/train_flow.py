@@ -220,6 +220,7 @@ def train_loop(config: dict[str, Any]) -> None:
         f.loader_workers,
         pin_memory=f.use_gpu,
     )
+    loader.retry = to_dict(cfg.io)  # reading the cache's index blocks and row groups (vitok_core/io_retry.py)
     batches = loader.batches(start=state["position"])
     if rank == 0:
         n_params = sum(p.numel() for p in engine.module.parameters())

@@ -109,7 +109,7 @@ def test_blocks_cover_each_image_once_an_epoch_and_resume_reads_one_block(ingest
     assert view.blocks >= 5
     read: list[list[int]] = []
     shard = view.shard
-    monkeypatch.setattr(view, "shard", lambda blocks: read.append(list(blocks)) or shard(blocks))
+    monkeypatch.setattr(view, "shard", lambda blocks, retry=None: read.append(list(blocks)) or shard(blocks, retry))
     plan = list(itertools.islice(batch_plan(view, 3, seed=0, window=2), 60))
     epochs = {}
     for position, block_shard, rows in plan:

@@ -211,8 +211,9 @@ class ShardIndex:
         """Rows per bucket of the whole output (all ranks)."""
         return dict(self.layout.bucket_rows[self.column])
 
-    def shard(self, blocks: Sequence[int]) -> Shard:
-        """This rank's rows in index row groups `blocks`: reads only those."""
+    def shard(self, blocks: Sequence[int], retry: Any = None) -> Shard:
+        """This rank's rows in index row groups `blocks`: reads only those (`retry`: the io config section,
+        vitok_core/io_retry.py; None = its defaults)."""
         from vitok_core.row_index import INDEX
 
         blocks = sorted(int(b) for b in blocks)
@@ -222,7 +223,7 @@ class ShardIndex:
             with self.filesystem.open_input_file(f"{self.root}/{INDEX}") as f:
                 return pq.ParquetFile(f).read_row_groups(blocks, columns=columns)
 
-        table = retry_call(read, None, f"{self.root}/{INDEX} row groups {blocks[:4]}")
+        table = retry_call(read, retry, f"{self.root}/{INDEX} row groups {blocks[:4]}")
         before = np.concatenate([[0], np.cumsum(self.layout.group_units)])
         runs = np.asarray(self.layout.group_runs, dtype=np.int64)[blocks]
         read_before = np.concatenate([[0], np.cumsum(np.asarray(self.layout.group_units)[blocks])])[:-1]
@@ -278,7 +279,7 @@ def _block_batches(shard: Shard, micro_batch: int, window: int, rng: np.random.G
 
 
 def batch_plan(
-    index: ShardIndex, micro_batch: int, seed: int, window: int, start: Position | None = None
+    index: ShardIndex, micro_batch: int, seed: int, window: int, start: Position | None = None, retry: Any = None
 ) -> Iterator[tuple[Position, Shard, np.ndarray]]:
     """The endless, deterministic sequence of this rank's micro-batches from `start`: (position, the block's
     shard, row numbers in it). Each epoch visits the blocks in a random order (the same on every rank) and
@@ -296,7 +297,7 @@ def batch_plan(
         first = start.block if epoch == start.epoch else 0
         yielded = False
         for block in range(first, index.blocks):
-            shard = index.shard([order[block]])
+            shard = index.shard([order[block]], retry)
             rng = np.random.default_rng([seed, index.rank, index.world, index.budget, epoch, block])
             skip = start.offset if (epoch, block) == (start.epoch, start.block) else 0
             for offset, rows in enumerate(_block_batches(shard, micro_batch, window, rng)):
@@ -441,10 +442,10 @@ class BucketLoader:
         self.pin_memory = pin_memory  # page-locked batches: host-to-GPU copies that do not block the host
         self.augment = augment or Augment()
         self.window, self.workers, self.prefetch = window, workers, prefetch
-        self.retry: Any = None  # the io config section, handed to the dataset (vitok_core/io_retry.py)
+        self.retry: Any = None  # the io config section for the plan's and the dataset's reads (io_retry.py)
 
     def plan(self, start: Position | None = None) -> Iterator[tuple[Position, Shard, np.ndarray]]:
-        return batch_plan(self.index, self.micro_batch, self.seed, self.window, start)
+        return batch_plan(self.index, self.micro_batch, self.seed, self.window, start, self.retry)
 
     def dataset(self) -> _RowGroups:
         dataset = _Batches(self.index, self.patch_size, self.seed, self.augment, cache=self.window)
