@@ -70,6 +70,13 @@ def registered_step(out: str) -> int:
     return int(latest.get("metrics", {}).get("step", 0))
 
 
+def step_at_kill(out: str, before: dict) -> int:
+    """The step a run had reached once a kill was done: training goes on while the workers are found and the
+    kill is carried out (a node's takes a while), and a checkpoint it takes then is from before the fault
+    (seen once: train_flow restarted from a step-12 checkpoint after a node loss decided past step 8)."""
+    return max(before.get("step", 0), _progress(out).get("step", 0), registered_step(out))
+
+
 def _training_workers(cluster: LocalCluster) -> list[dict]:
     """The training worker processes alive now. The state API can list a dead worker as ALIVE for a moment
     after a restart: every pid is checked on this machine, where all the nodes run."""
@@ -125,14 +132,14 @@ def run_drill(
         progress = wait_past(kill_worker_past, 0)
         workers = _wait_for_workers(cluster, 2)
         os.kill(workers[-1]["pid"], signal.SIGKILL)
-        faults.append({"kind": "worker SIGKILL", "step": progress["step"], "time": time.time()})
+        faults.append({"kind": "worker SIGKILL", "step": step_at_kill(out, progress), "time": time.time()})
 
         # (2) A whole node lost, once the restarted group is past `kill_node_after`.
         progress = wait_past(kill_node_past, faults[-1]["time"])
         hosts = {cluster.name_of(w["node_id"]) for w in _wait_for_workers(cluster, 2)} - {None, "head"}
         victim = sorted(hosts)[0]
         cluster.kill(victim)
-        faults.append({"kind": f"node lost ({victim})", "step": progress["step"], "time": time.time()})
+        faults.append({"kind": f"node lost ({victim})", "step": step_at_kill(out, progress), "time": time.time()})
 
         while job.poll() is None and time.time() - started < timeout:
             trace()
