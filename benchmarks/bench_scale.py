@@ -292,10 +292,10 @@ def synth_output(
         offset += count
     if names != sorted(names):
         raise AssertionError("synthetic file names are not in sorted order")
-    from vitok_core.row_index import file_order
+    from vitok_core.row_index import files_in_index_order
 
-    # the index lists files in hash order (vitok_core.row_index.file_order); a file's runs stay in order
-    by_hash = np.lexsort((np.arange(len(names)), file_order(names)))
+    # the index lists files in hash order; a file's runs stay in order
+    by_hash = files_in_index_order(names)
     place = np.empty(len(names), dtype=np.int64)
     place[by_hash] = np.arange(len(names))
     order = pa.array(np.argsort(place[np.concatenate(file_col)], kind="stable"))

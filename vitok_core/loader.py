@@ -158,7 +158,6 @@ class ShardIndex:
     rank: int
     world: int
     layout: IndexLayout
-    stage: str = "ingest"
 
     @classmethod
     def build(
@@ -189,13 +188,13 @@ class ShardIndex:
         from vitok_core.row_index import read_layout, resolve
 
         filesystem, root = resolve(uri, filesystem)
-        layout, _ = read_layout(uri, filesystem, stage)
+        layout = read_layout(uri, filesystem, stage)
         if column not in layout.bucket_rows:
             raise KeyError(f"the index of {uri} has no column {column}; it has {sorted(layout.bucket_rows)}")
         units = sum(layout.group_units)
         if rank >= units:
             raise ValueError(f"{units} row groups in the output at {uri}, fewer than the {world} ranks")
-        return cls(filesystem, root, column, budget, rank, world, layout, stage)
+        return cls(filesystem, root, column, budget, rank, world, layout)
 
     @property
     def blocks(self) -> int:

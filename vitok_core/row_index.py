@@ -57,6 +57,7 @@ __all__ = [
     "MissingIndexError",
     "file_order",
     "file_runs",
+    "files_in_index_order",
     "in_index_order",
     "index_files",
     "index_from_files",
@@ -117,12 +118,23 @@ def file_order(names: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
     return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
 
 
+def files_in_index_order(names: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.ndarray:
+    """The permutation that lists file names as the index does: by `file_order`, then by name (equal names
+    keep the order they came in)."""
+    if isinstance(names, pa.ChunkedArray):
+        names = names.combine_chunks()
+    elif not isinstance(names, pa.Array):
+        names = pa.array(list(names), pa.string())
+    by_name = pc.sort_indices(names).to_numpy()  # stable
+    name_rank = np.empty(len(by_name), dtype=np.int64)
+    name_rank[by_name] = np.arange(len(by_name))
+    return np.lexsort((name_rank, file_order(names)))
+
+
 def in_index_order(paths: Sequence[str], root: str) -> list[str]:
-    """Paths of data files under `root` in the order the index lists them (`file_order` of the name relative
-    to `root`, then the name)."""
+    """Paths of data files under `root` in the order the index lists them (their names relative to `root`)."""
     names = [p[len(root) + 1 :] if p.startswith(root + "/") else p for p in paths]
-    keys = file_order(names)
-    return [paths[i] for i in sorted(range(len(paths)), key=lambda i: (int(keys[i]), names[i]))]
+    return [paths[i] for i in files_in_index_order(names).tolist()]
 
 
 def file_runs(buckets: Mapping[str, Sequence[str] | pa.ChunkedArray | pa.Array], sizes: Sequence[int]) -> dict:
@@ -212,20 +224,17 @@ class IndexBuilder:
         names = pa.chunked_array(self._names, pa.string())
         counts = np.concatenate(self._counts)
         offsets = np.cumsum(counts) - counts
-        by_name = pc.sort_indices(names).to_numpy()  # stable: files of one name stay in the order added
-        name_rank = np.empty(len(by_name), dtype=np.int64)
-        name_rank[by_name] = np.arange(len(by_name))
-        by_name = np.lexsort((name_rank, file_order(names.combine_chunks())))  # hash order; equal names adjacent
-        sorted_names = names.take(pa.array(by_name)).combine_chunks()
-        rank = np.zeros(len(by_name), dtype=np.int64)  # of each sorted file: equal names share a rank
-        if len(by_name) > 1:
+        in_order = files_in_index_order(names)  # files of one name adjacent, in the order added
+        sorted_names = names.take(pa.array(in_order)).combine_chunks()
+        rank = np.zeros(len(in_order), dtype=np.int64)  # of each sorted file: equal names share a rank
+        if len(in_order) > 1:
             rank[1:] = np.cumsum(pc.not_equal(sorted_names[1:], sorted_names[:-1]).to_numpy(zero_copy_only=False))
-        sorted_counts = counts[by_name]
+        sorted_counts = counts[in_order]
         ends = np.cumsum(sorted_counts)
         targets = np.arange(rows_per_batch, int(ends[-1]), rows_per_batch)
-        cut = np.minimum(np.searchsorted(ends, targets), len(by_name) - 1)  # the file that reaches each target
+        cut = np.minimum(np.searchsorted(ends, targets), len(in_order) - 1)  # the file that reaches each target
         cuts = np.unique(np.searchsorted(rank, rank[cut], side="right"))  # ... and the rest of its name's files
-        bounds = [0, *cuts[cuts < len(by_name)].tolist(), len(by_name)]
+        bounds = [0, *cuts[cuts < len(in_order)].tolist(), len(in_order)]
         values = {name: pa.array(list(self._values[name]), pa.string()) for name in self.bucket_columns}
         held_runs: list[np.ndarray] = []  # runs (positions in the columns) sorted, not yet in a batch
         held_files: list[np.ndarray] = []  # ... and each one's file (its position among the sorted names)
@@ -233,13 +242,13 @@ class IndexBuilder:
         for begin, end in itertools.pairwise(bounds):
             lengths = sorted_counts[begin:end]
             file_of = np.repeat(np.arange(begin, end, dtype=np.int64), lengths)
-            first = np.repeat(offsets[by_name[begin:end]] - (np.cumsum(lengths) - lengths), lengths)
+            first = np.repeat(offsets[in_order[begin:end]] - (np.cumsum(lengths) - lengths), lengths)
             run = first + np.arange(len(file_of), dtype=np.int64)
             order = np.lexsort((columns["start"][run], columns["row_group"][run], rank[file_of]))
             held_runs.append(run[order])
             held_files.append(file_of[order])
             held += len(order)
-            while held >= rows_per_batch or (end == len(by_name) and held):
+            while held >= rows_per_batch or (end == len(in_order) and held):
                 runs, files = np.concatenate(held_runs), np.concatenate(held_files)
                 take = min(rows_per_batch, held)
                 arrays = [sorted_names.take(pa.array(files[:take]))]
@@ -419,11 +428,9 @@ def index_files(uri: str, filesystem: pafs.FileSystem | None = None, stage: str 
     return sorted(names)
 
 
-def read_layout(
-    uri: str, filesystem: pafs.FileSystem | None = None, stage: str = "ingest"
-) -> tuple[IndexLayout, pq.FileMetaData]:
-    """The layout of the output's index from its footer alone (a request or two, whatever the output's size),
-    and the footer. An index written before footers carried a layout is described from its runs if it has one
+def read_layout(uri: str, filesystem: pafs.FileSystem | None = None, stage: str = "ingest") -> IndexLayout:
+    """The layout of the output's index from its footer alone (a request or two, whatever the output's size).
+    An index written before footers carried a layout is described from its runs if it has one
     row group (small by construction); a larger one must be rewritten (`vitok index`)."""
     with _open_index(uri, filesystem, stage) as f:
         parquet = pq.ParquetFile(f)
@@ -435,7 +442,7 @@ def read_layout(
             layout = IndexLayout.of_groups(
                 [table] if table.num_rows else [], [n for n in table.schema.names if n not in BASE_COLUMNS]
             )
-        return layout, parquet.metadata
+        return layout
 
 
 def iter_index(
