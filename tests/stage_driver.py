@@ -9,7 +9,9 @@ the fault-injecting proxy of tests/s3_proxy.py.
 The child (`python -m tests.stage_driver`) starts Ray once (jobs.common.init_ray, which forwards the AWS
 variables of its environment to the workers), then runs one stage per command: a JSON line on stdin
 {"stage", "overrides", "preset"} -> `jobs.<stage>.run(load_config(preset, overrides))` -> one JSON line on
-stdout after MARK. A failed stage is an answer (with the error and its causes), not the end of the process.
+stdout after MARK. A failed stage is an answer (with the error and its causes), not the end of the process;
+it is sent once the stage's tasks have left the CPUs (at most IDLE_WAIT_S), as a failed Ray job's tasks are
+gone when its driver exits: a cancelled task still running would otherwise hold a CPU and race the rerun.
 Its log (Ray's, the jobs') goes to `log`.
 """
 
@@ -20,10 +22,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 MARK = "@@stage-driver@@ "
+IDLE_WAIT_S = 30.0
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -75,6 +79,19 @@ def _chain(err: BaseException) -> list[str]:
     return out
 
 
+def _wait_until_idle(timeout_s: float = IDLE_WAIT_S) -> float:
+    """Seconds waited until every CPU of this driver's Ray is free again (Ray Data cancels a failed dataset's
+    tasks without waiting for them), at most timeout_s."""
+    import ray
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if ray.available_resources().get("CPU", 0.0) >= ray.cluster_resources().get("CPU", 0.0):
+            break
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
 def main() -> None:
     from jobs.common import init_ray, setup_logging
     from vitok_core.config import load_config
@@ -91,6 +108,7 @@ def main() -> None:
             answer = {"ok": True, "manifest": manifest}
         except Exception as err:
             answer = {"ok": False, "error": f"{type(err).__name__}: {err}", "chain": _chain(err)}
+            answer["idle_wait_s"] = round(_wait_until_idle(), 2)
         stdout.write(MARK + json.dumps(answer, default=str) + "\n")
         stdout.flush()
 

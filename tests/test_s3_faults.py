@@ -97,7 +97,7 @@ def run_stage(driver: StageDriver, proxy: S3FaultProxy, stage: str, args: list[s
         "requests": after["requests"] - before["requests"],
         "faults": after["faults_total"] - before["faults_total"],
     }
-    assert answer["ok"], f"{stage}: {answer.get('chain')}"
+    assert answer["ok"], f"{stage}: " + "\n".join(answer.get("chain", []))
     return answer["manifest"]
 
 
@@ -218,7 +218,7 @@ def test_transient_error_past_retries_fails_the_task_and_a_rerun_completes(world
     proxy.configure(fail_first=0, only="", methods=[])
     # The rerun with the default retries (io.* is not in the key: the same output, its staged tasks kept).
     answer = driver.run("ingest", overrides(bucket, "retry"))
-    assert answer["ok"], answer.get("chain")
+    assert answer["ok"], "\n".join(answer.get("chain", []))  # a string: pytest shortens a list's repr
     manifest = answer["manifest"]
     rows, rejects = accepted_and_rejected(manifest["output"])
     assert f"s3:/{victim}" in rows.values() and f"s3:/{victim}" not in rejects
