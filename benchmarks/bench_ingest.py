@@ -62,6 +62,11 @@ What is measured, per mix (everything printed is measured in this run, nothing i
               manifest, _SUCCESS and staging removal. files_per_task: the config default unless that leaves
               no task (then n), or --files-per-task. --quiet-wait S waits before each pair, up to S seconds,
               for a 2 s window in which the machine is less than 25% busy.
+              Two floors follow the job in each pair, each in a pinned 1-CPU Ray session of its own, warmed
+              up on the same WARM_N images (run_floor): the bare loop's own work mapped as the job's tasks
+              (what Ray costs), and a single-copy floor: each task file sorted by bucket in row groups of one
+              bucket, then one task counting repeated ids across the files (the least a design writing each
+              image once and deduplicating across tasks would cost). floor ratio = bare wall / floor wall.
   profile     cProfile of process_image over a sample of each mix (header, EXIF, decode, resize, encode,
               SHA-256 ...), run in-process before Ray starts; cProfile inflates Python-level calls
               (exif_transpose, Image.open), so read the shares as rough.
@@ -106,6 +111,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # as in the tests:
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from common import ASPECTS, cpu_model, format_table
 from PIL import Image
@@ -591,18 +597,24 @@ def _timed_task(row: dict[str, Any], _bench: dict[str, str], **kwargs: Any) -> d
 DRIVER_CALLS = ("list_tasks", "done_tasks", "init_ray", "remove", "write_json", "mark_success")
 
 
+def ship_by_value() -> None:
+    """Functions of this module handed to Ray Data go by value when it was imported (a spawned child's
+    __mp_main__): benchmarks/ is not on the workers' path."""
+    from ray import cloudpickle
+
+    if __name__ != "__main__":
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 @contextlib.contextmanager
 def instrumented_job(folder: Path, calls: list[dict[str, Any]]):
     """While the run lasts (the repository's files are untouched): every map function the job hands to
     jobs.ingest.map_tasks runs through _timed_task (per-task records under `folder`), and each map_tasks call (as
     "ray_map": from the call until its last result is taken), IndexBuilder.write (as "write_index") and each of
     DRIVER_CALLS made by the driver is appended to `calls` as {name, desc, start, end}."""
-    from ray import cloudpickle
-
     import jobs.ingest as job
 
-    if __name__ != "__main__":  # imported (benchmarks/ is not on the workers' path): ship the wrapper by value
-        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ship_by_value()
     originals = {name: getattr(job, name) for name in ("map_tasks", *DRIVER_CALLS)}
     builder_write = job.IndexBuilder.write
 
@@ -822,19 +834,92 @@ def tree_affinity() -> dict[str, list[int]]:
     return {kind: sorted(cpus) for kind, cpus in sorted(out.items())}
 
 
-def _equal_session(source: str, paths: list[str], root: str, files_per_task: int, core: int, warm_n: int) -> dict:
+def _floor_task(row: dict[str, Any], settings: dict[str, Any], out_dir: str, by_bucket: bool) -> dict[str, Any]:
+    """Ray Data map function of the floors: the bare loop's work on one task's files (read, process_image,
+    records, one Parquet file with the bare loop's options). `by_bucket`: the file's rows sorted by
+    (bucket, id), in row groups of one bucket each (what a data file read by bucket needs). `settings`: the
+    job's ingest_settings, handed over as the job hands them to its tasks."""
+    from jobs.ingest import _runs_of_bucket
+
+    rules, budgets = rules_from(settings), settings["budgets"]
+    schema = row_schema(budgets)
+    records = []
+    for path in row["paths"]:
+        with open(path, "rb") as f:
+            records.append(_record(path, "", process_image(f.read(), rules), budgets))
+    if by_bucket:
+        records.sort(key=lambda r: (r["bucket"], r["id"]))
+    table = pa.Table.from_pylist(records, schema=schema)
+    with pq.ParquetWriter(f"{out_dir}/part-{row['task']:05d}.parquet", schema, **bare_parquet_options(schema)) as w:
+        for part in _runs_of_bucket(table) if by_bucket else [table]:
+            w.write_table(part)
+    return {"task": row["task"], "rows": table.num_rows}
+
+
+def _floor_duplicates(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Ray Data map function of the single-copy floor's second step: every task file's id and source
+    columns (no image bytes), and the rows whose id repeats (the copies a single-copy ingest would drop)."""
+    table = pa.concat_tables(
+        pq.read_table(p, columns=["id", "source"]) for p in sorted(Path(out_dir).glob("*.parquet"))
+    )
+    ids = table.filter(pc.and_kleene(pc.is_valid(table["id"]), pc.not_equal(table["id"], "")))["id"]
+    counts = pc.value_counts(ids)
+    return {"rows": len(ids), "repeated_ids": int(pc.sum(pc.greater(counts.field("counts"), 1)).as_py() or 0)}
+
+
+def run_floor(
+    paths: list[str], overrides: list[str], out_dir: Path, files_per_task: int, single_copy: bool = False
+) -> dict[str, Any]:
+    """A floor of any Ray Data ingest on this Ray: the bare loop's work cut into the job's tasks and mapped
+    as the job maps them (jobs.ingest.map_tasks: one block per task, results streamed to the driver), with no
+    staging, dedup, publish, index or manifest: what Ray's scheduling, its processes and the driver's
+    executor cost over the bare loop, whatever the job does after the map. `single_copy`: the least a
+    single-copy ingest (each task writes its data file once, duplicates found across tasks) would add: the
+    task files sorted by bucket in row groups of one bucket, then one task reading every file's ids and
+    finding the repeated ones (no index, manifest, rejects or commit)."""
+    from jobs.ingest import map_tasks
+
+    ship_by_value()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    rows = [{"task": i, "paths": paths[i : i + files_per_task]} for i in range(0, len(paths), files_per_task)]
+    settings = ingest_settings(load_config(PRESET, overrides))
+    kwargs = {"settings": settings, "out_dir": str(out_dir), "by_bucket": single_copy}
+    start = time.perf_counter()
+    done = list(map_tasks(_floor_task, rows, kwargs, "floor"))
+    mapped = time.perf_counter() - start
+    dups = list(map_tasks(_floor_duplicates, [{"step": 0}], {"out_dir": str(out_dir)}, "ids")) if single_copy else []
+    wall = time.perf_counter() - start
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = {"wall_s": wall, "map_s": mapped, "tasks": len(done), "rows": sum(r["rows"] for r in done)}
+    return result | ({"duplicates_s": wall - mapped, **dups[0]} if dups else {})
+
+
+def _equal_session(
+    measure: str, source: str, paths: list[str], root: str, files_per_task: int, core: int, warm_n: int
+) -> dict:
     """Child process: a Ray of its own with num_cpus=1, and every process of it (this driver, GCS, raylet,
     workers) pinned to `core`: the affinity is set before ray.init and inherited by everything Ray starts.
-    Ray is started and warmed up (one untimed job) before the timed run, then shut down."""
+    Ray is started and warmed up (one untimed run of the same kind on warm_n images) before the timed run of
+    `measure` (job, floor or single_copy: run_floor), then shut down. Each measure gets a session of its own:
+    a worker that has already processed the images runs them faster (memory touched for the first time is
+    expensive on this VM), so one after another on the same Ray would favour the later."""
     os.sched_setaffinity(0, {core})
     import ray
 
     info = start_ray(1)
-    warm = warm_up(paths, warm_n, 1)
-    job = run_job(Path(source), Path(root), files_per_task, cpus=1)
+    if measure == "job":
+        warm = warm_up(paths, warm_n, 1)
+        result = run_job(Path(source), Path(root), files_per_task, cpus=1)
+    else:
+        overrides, scratch = job_overrides(Path(source), Path(root), files_per_task), Path(f"{root}_{measure}")
+        start = time.perf_counter()
+        run_floor(paths[:warm_n], overrides, scratch, files_per_task, single_copy=measure == "single_copy")
+        warm = time.perf_counter() - start
+        result = run_floor(paths, overrides, scratch, files_per_task, single_copy=measure == "single_copy")
     affinity = tree_affinity()
     ray.shutdown()
-    return {"ray": info, "warmup_s": warm, "job": job, "affinity": affinity}
+    return {"ray": info, "warmup_s": warm, measure: result, "affinity": affinity}
 
 
 def wait_quiet(limit_s: float, share: float = 0.25, window_s: float = 2.0) -> float | None:
@@ -855,7 +940,8 @@ def wait_quiet(limit_s: float, share: float = 0.25, window_s: float = 2.0) -> fl
 
 def run_equal(info: dict, overrides: list[str], files_per_task: int, core: int, repeats: int, quiet_s: float) -> list:
     """`repeats` pairs, each the bare loop on `core` and right after it a fresh 1-CPU Ray session pinned to
-    the same core running the job once (after its warm-up), with the load average before and after."""
+    the same core running the job once (after its warm-up), then a session each for the two floors
+    (run_floor), with the load average before and after."""
     runs_dir = DATA / "runs"
     pairs = []
     for rep in range(repeats):
@@ -863,12 +949,19 @@ def run_equal(info: dict, overrides: list[str], files_per_task: int, core: int, 
         load0 = loadavg()
         bare = run_bare(info["paths"], overrides, runs_dir / "equal-bare", core)
         warm_n = min(info["n"], WARM_N)
-        args = (info["folder"], info["paths"], str(runs_dir / "equal-job"), files_per_task, core, warm_n)
-        with mp.get_context("spawn").Pool(1) as pool:
-            session = pool.apply(_equal_session, args)
+        session: dict[str, Any] = {}
+        for measure in ("job", "floor", "single_copy"):  # the job first: right after the bare loop, as before
+            args = (measure, info["folder"], info["paths"], str(runs_dir / "equal-job"), files_per_task, core, warm_n)
+            with mp.get_context("spawn").Pool(1) as pool:
+                part = pool.apply(_equal_session, args)
+            session[measure] = part[measure]
+            if measure == "job":
+                session.update({k: v for k, v in part.items() if k != "job"})
         load1 = loadavg()
         job = session["job"]
         ratio = bare["wall_s"] / job["wall_s"]
+        for floor in ("floor", "single_copy"):
+            session[floor]["ratio"] = bare["wall_s"] / session[floor]["wall_s"]
         pairs.append(
             {"bare": bare, **session, "ratio": ratio, "loadavg_before": load0, "loadavg_after": load1}
             | {"busy_share_before": idle}
@@ -878,7 +971,10 @@ def run_equal(info: dict, overrides: list[str], files_per_task: int, core: int, 
             f"  pair {rep + 1}: bare {bare['wall_s']:.2f} s ({bare['images_per_s']:.1f} img/s), "
             f"job {job['wall_s']:.2f} s"
             f" (list {t['list']:.2f}, process {t['process']:.2f}, dedup {t['dedup']:.2f}, publish {t['publish']:.2f})"
-            f", ratio {ratio:.3f}; foreign bare {pct(bare['foreign_cpu_share'])} job {pct(job['foreign_cpu_share'])}"
+            f", ratio {ratio:.3f}; floor {session['floor']['wall_s']:.2f} s (ratio {session['floor']['ratio']:.3f})"
+            f", single-copy floor {session['single_copy']['wall_s']:.2f} s"
+            f" (ratio {session['single_copy']['ratio']:.3f})"
+            f"; foreign bare {pct(bare['foreign_cpu_share'])} job {pct(job['foreign_cpu_share'])}"
             f"; load {load0[0]} -> {load1[0]}",
             flush=True,
         )
@@ -887,8 +983,12 @@ def run_equal(info: dict, overrides: list[str], files_per_task: int, core: int, 
 
 def equal_table(title: str, n: int, pairs: list[dict]) -> str:
     headers = ["mix", "n", "pairs", "bare img/s (1 core) min/med", "job img/s (1 CPU) min/med", "ratio min/med/max"]
-    headers += ["process-step ratio med", "CPU ratio med", "load avg 1-min before -> after (each pair)"]
+    headers += ["process-step ratio med", "floor ratio min/med/max", "single-copy floor ratio min/med/max"]
+    headers += ["CPU ratio med"]
+    headers += ["load avg 1-min before -> after (each pair)"]
     ratios = sorted(p["ratio"] for p in pairs)
+    floor = sorted(p["floor"]["ratio"] for p in pairs)
+    single = sorted(p["single_copy"]["ratio"] for p in pairs)
     bare = sorted(n / p["bare"]["wall_s"] for p in pairs)
     job = sorted(n / p["job"]["wall_s"] for p in pairs)
     proc = sorted(p["bare"]["wall_s"] / p["job"]["timing_s"]["process"] for p in pairs)
@@ -897,6 +997,7 @@ def equal_table(title: str, n: int, pairs: list[dict]) -> str:
     med = statistics.median
     row = [title, n, len(pairs), f"{bare[0]:.1f}/{med(bare):.1f}", f"{job[0]:.1f}/{med(job):.1f}"]
     row += [f"{ratios[0]:.3f}/{med(ratios):.3f}/{ratios[-1]:.3f}", f"{med(proc):.3f}"]
+    row += [f"{floor[0]:.3f}/{med(floor):.3f}/{floor[-1]:.3f}", f"{single[0]:.3f}/{med(single):.3f}/{single[-1]:.3f}"]
     row += [f"{med(cpu):.3f}" if cpu else "n/a", loads]
     return format_table(headers, [row])
 
@@ -1336,6 +1437,8 @@ def equal_summary(pairs: list[dict], n: int, files_per_task: int) -> dict[str, A
         "ratio_median": statistics.median(ratios),
         "ratio_max": max(ratios),
         "goal_met": statistics.median(ratios) >= 0.85,
+        "floor_ratio_median": statistics.median(p["floor"]["ratio"] for p in pairs),
+        "single_copy_floor_ratio_median": statistics.median(p["single_copy"]["ratio"] for p in pairs),
         "pairs": pairs,
     }
 
@@ -1348,6 +1451,13 @@ def report_equal(pairs: list[dict], median: dict, n: int, title: str) -> None:
     print("  job are untimed. ratio = job img/s / bare img/s = bare wall / job wall (goal >= 0.85);")
     print("  process-step ratio = bare wall / the manifest's timing_s.process; CPU ratio = the bare loop's CPU")
     print("  seconds / the job's (driver + every Ray process). Pairs run one after the other.")
+    print("  floor ratio = bare wall / the floor's wall: the bare loop's own work (read, process_image, records,")
+    print("  one Parquet per task) as the job's tasks through jobs.ingest.map_tasks, each floor in a pinned 1-CPU")
+    print("  Ray session of its own after the job's (warmed up the same way): what Ray costs before any step of")
+    print("  the job's own (staging sort, dedup, publish, index, manifest)")
+    print("  single-copy floor ratio: the same with each task file sorted by bucket (row groups of one bucket),")
+    print("  then one task reading every file's id column and counting repeated ids: the least a design that")
+    print("  writes each image once (no staging copy) and deduplicates across tasks would cost")
     met = statistics.median(p["ratio"] for p in pairs) >= 0.85
     print(f"  goal (median ratio >= 0.85): {'met' if met else 'NOT met'}")
     affinity = ", ".join(f"{k} {v}" for k, v in median["affinity"].items())
