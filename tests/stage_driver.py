@@ -10,8 +10,11 @@ The child (`python -m tests.stage_driver`) starts Ray once (jobs.common.init_ray
 variables of its environment to the workers), then runs one stage per command: a JSON line on stdin
 {"stage", "overrides", "preset"} -> `jobs.<stage>.run(load_config(preset, overrides))` -> one JSON line on
 stdout after MARK. A failed stage is an answer (with the error and its causes), not the end of the process;
-it is sent once the stage's tasks have left the CPUs (at most IDLE_WAIT_S), as a failed Ray job's tasks are
-gone when its driver exits: a cancelled task still running would otherwise hold a CPU and race the rerun.
+before it is sent, the driver's Ray is restarted, as a failed Ray job's workers end with its driver and a
+rerun is a new job with new workers. Reused, they need not be sound: Ray Data cancels the tasks of a failed
+dataset by raising KeyboardInterrupt in them, and one that lands in the middle of an import leaves that
+worker with half-initialised modules (seen in CI: the rerun's `import s3fs` failed with "module aiohttp has
+no attribute http_exceptions" in a worker whose first import of it had been interrupted).
 Its log (Ray's, the jobs') goes to `log`.
 """
 
@@ -27,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 MARK = "@@stage-driver@@ "
-IDLE_WAIT_S = 30.0
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -79,25 +81,15 @@ def _chain(err: BaseException) -> list[str]:
     return out
 
 
-def _wait_until_idle(timeout_s: float = IDLE_WAIT_S) -> float:
-    """Seconds waited until every CPU of this driver's Ray is free again (Ray Data cancels a failed dataset's
-    tasks without waiting for them), at most timeout_s."""
+def main() -> None:
     import ray
 
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if ray.available_resources().get("CPU", 0.0) >= ray.cluster_resources().get("CPU", 0.0):
-            break
-        time.sleep(0.1)
-    return time.monotonic() - started
-
-
-def main() -> None:
     from jobs.common import init_ray, setup_logging
     from vitok_core.config import load_config
 
     setup_logging()
-    init_ray(num_cpus=int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    num_cpus = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    init_ray(num_cpus=num_cpus)
     stdout = sys.stdout
     sys.stdout = sys.stderr  # the jobs' prints and progress go to the log; stdout carries only answers
     for line in sys.stdin:
@@ -108,7 +100,10 @@ def main() -> None:
             answer = {"ok": True, "manifest": manifest}
         except Exception as err:
             answer = {"ok": False, "error": f"{type(err).__name__}: {err}", "chain": _chain(err)}
-            answer["idle_wait_s"] = round(_wait_until_idle(), 2)
+            started = time.monotonic()
+            ray.shutdown()  # the failed job's workers go with it (see the module docstring)
+            init_ray(num_cpus=num_cpus)
+            answer["ray_restart_s"] = round(time.monotonic() - started, 2)
         stdout.write(MARK + json.dumps(answer, default=str) + "\n")
         stdout.flush()
 
