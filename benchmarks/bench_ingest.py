@@ -858,7 +858,8 @@ def _floor_task(row: dict[str, Any], settings: dict[str, Any], out_dir: str, by_
 
 def _floor_duplicates(row: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """Ray Data map function of the single-copy floor's second step: every task file's id and source
-    columns (no image bytes), and the rows whose id repeats (the copies a single-copy ingest would drop)."""
+    columns (no image bytes; the source is read, unused here, because a real dedup keeps the copy with the
+    smallest source), and the ids that repeat (the copies a single-copy ingest would drop)."""
     table = pa.concat_tables(
         pq.read_table(p, columns=["id", "source"]) for p in sorted(Path(out_dir).glob("*.parquet"))
     )
